@@ -1,0 +1,206 @@
+"""BERT WordPiece tokenizer (pure Python + `regex`), output-compatible with the reference one.
+
+Pipeline, matching what the reference BERT tokenizer does (and what `tokenizers`' BertNormalizer +
+BertPreTokenizer + WordPiece do):
+
+1. special tokens ([CLS], [SEP], [MASK], [PAD], [UNK]) written literally in the raw text are kept whole;
+2. "clean": control/format/private-use/unassigned chars, NUL and U+FFFD are deleted (they do NOT split
+   a word), every whitespace char becomes a separator;
+3. CJK ideographs become single-char words;
+4. uncased: accents are stripped (NFD, drop Mn marks) then lower-cased, char by char;
+5. split on whitespace and punctuation (every punctuation char is its own word);
+6. greedy longest-match WordPiece per word; a word longer than 100 chars or with an unmatchable
+   piece becomes a single [UNK].
+
+All normalisation is per character, so a word's pieces only depend on the word itself: we pre-split
+the *original* text with one regex, normalise each raw word separately and cache the result keyed by
+the raw word. Offsets are therefore spans of the original text for free (each normalised char remembers
+the original char it came from), including lower-cased / accent-stripped text.
+"""
+from __future__ import annotations
+
+import unicodedata
+
+import numpy as np
+import regex
+
+SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]")
+
+# Whitespace that separates words. Other White_Space chars (\x0b, \x0c, \x85) are control chars and
+# get deleted *without* splitting, exactly like the reference cleaning step.
+_WS = r"\t\n\r\p{Zs}\u2028\u2029"
+# ASCII symbols count as punctuation for BERT even when Unicode calls them symbols ($, +, <, ^, ...).
+_PUNCT = r"\p{P}!-/:-@\[-`{-~"
+# CJK ideograph blocks that BERT splits into single characters (not kana / hangul).
+_CJK = (r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f"
+        r"\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f")
+_IS_SPLIT = regex.compile(f"[{_WS}{_PUNCT}{_CJK}]")
+# Characters that the cleaning step deletes. \p{C} = Cc, Cf, Cs, Co, Cn; tab/newline/CR are whitespace.
+_REMOVED = regex.compile(r"[\p{C}\ufffd--[\t\n\r]]", flags=regex.V1)
+_MAX_CACHE = 1 << 19
+
+
+def _pretokenizer(specials):
+    """Regex yielding special tokens, raw words, and single punctuation/CJK chars (whitespace skipped)."""
+    alts = [regex.escape(s) for s in sorted(specials, key=len, reverse=True)]
+    alts += [f"[^{_WS}{_PUNCT}{_CJK}]+", f"[{_PUNCT}{_CJK}]"]
+    return regex.compile("|".join(alts))
+
+
+class WordPieceTokenizer:
+    """BERT WordPiece over a `vocab.txt` (one token per line, id = line number)."""
+
+    def __init__(self, vocab_file, lower_case=None, strip_accents=None, max_chars_per_word=100):
+        with open(vocab_file, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n") for line in f]
+        # Strip a trailing "\r" of CRLF files but keep a token that *is* whitespace-looking.
+        tokens = [t[:-1] if t.endswith("\r") and len(t) > 1 else t for t in tokens]
+        if tokens and tokens[-1] == "":
+            tokens.pop()
+        self.vocab_file = str(vocab_file)
+        self.vocab = {}
+        for i, t in enumerate(tokens):
+            self.vocab.setdefault(t, i)          # first occurrence wins, like the reference
+        self.inv_vocab = tokens
+        missing = [s for s in SPECIAL_TOKENS if s not in self.vocab]
+        if missing:
+            raise ValueError(f"{vocab_file}: vocabulary lacks special token(s) {', '.join(missing)}")
+        if lower_case is None:
+            lower_case = infer_lower_case(tokens)
+        self.lower_case = bool(lower_case)
+        self.strip_accents = self.lower_case if strip_accents is None else bool(strip_accents)
+        self.max_chars_per_word = max_chars_per_word
+        self.cls_id, self.sep_id, self.mask_id, self.pad_id, self.unk_id = (
+            self.vocab[s] for s in SPECIAL_TOKENS)
+        self._specials = {s: self.vocab[s] for s in SPECIAL_TOKENS}
+        self._pre = _pretokenizer(SPECIAL_TOKENS)
+        self._cache = {}
+        self._word_start = None
+
+    # ----------------------------------------------------------------- interface
+    @property
+    def vocab_size(self):
+        return len(self.inv_vocab)
+
+    @property
+    def word_start_mask(self):
+        if self._word_start is None:
+            self._word_start = np.array([not t.startswith("##") for t in self.inv_vocab], dtype=bool)
+        return self._word_start
+
+    def encode(self, text):
+        ids = []
+        for word in self._pre.findall(text):
+            ids.extend(self._word(word)[0])
+        return ids
+
+    def encode_with_offsets(self, text):
+        ids, offsets = [], []
+        for m in self._pre.finditer(text):
+            wids, spans = self._word(m.group())
+            ids.extend(wids)
+            base = m.start()
+            offsets.extend((base + s, base + e) for s, e in spans)
+        return ids, offsets
+
+    def tokenize(self, text):
+        return self.convert_ids_to_tokens(self.encode(text))
+
+    def convert_ids_to_tokens(self, ids):
+        inv = self.inv_vocab
+        return [inv[int(i)] for i in ids]
+
+    def convert_tokens_to_ids(self, tokens):
+        return [self.vocab.get(t, self.unk_id) for t in tokens]
+
+    def decode(self, ids, skip_special_tokens=False):
+        toks = self.convert_ids_to_tokens(ids)
+        if skip_special_tokens:
+            toks = [t for t in toks if t not in self._specials]
+        return " ".join(toks).replace(" ##", "").strip()
+
+    # ----------------------------------------------------------------- internals
+    def _word(self, raw):
+        """(ids, spans relative to `raw`) for one pre-token, cached by its raw text."""
+        hit = self._cache.get(raw)
+        if hit is not None:
+            return hit
+        sid = self._specials.get(raw)
+        if sid is not None:
+            res = ((sid,), ((0, len(raw)),))
+        elif raw.isascii() and raw.isprintable():
+            # Fast path: ASCII words are 1:1 under lower() and contain nothing to delete.
+            word = raw.lower() if self.lower_case else raw
+            res = self._wordpiece(word, list(range(len(raw))))
+        else:
+            res = self._normalized_words(raw)
+        if len(self._cache) >= _MAX_CACHE:
+            self._cache.clear()
+        self._cache[raw] = res
+        return res
+
+    def _normalized_words(self, raw):
+        """Slow path: char-by-char cleaning / accent stripping / lower-casing, then re-split.
+
+        Re-splitting is needed because normalisation can *create* a separator (e.g. U+1FEF strips to a
+        backtick), and the reference splits after normalising.
+        """
+        chars, origin = [], []
+        for j, c in enumerate(raw):
+            if _REMOVED.match(c):
+                continue
+            if self.strip_accents:
+                c = "".join(x for x in unicodedata.normalize("NFD", c)
+                            if unicodedata.category(x) != "Mn")
+            if self.lower_case:
+                c = c.lower()
+            for x in c:
+                chars.append(x)
+                origin.append(j)
+        ids, spans = [], []
+        start = 0
+        for k in range(len(chars) + 1):
+            if k == len(chars) or _IS_SPLIT.match(chars[k]):
+                if k > start:
+                    wi, ws = self._wordpiece("".join(chars[start:k]), origin[start:k])
+                    ids.extend(wi)
+                    spans.extend(ws)
+                if k < len(chars) and not chars[k].isspace():
+                    wi, ws = self._wordpiece(chars[k], origin[k:k + 1])
+                    ids.extend(wi)
+                    spans.extend(ws)
+                start = k + 1
+        return tuple(ids), tuple(spans)
+
+    def _wordpiece(self, word, origin):
+        """Greedy longest-match-first; `origin[k]` = index in the raw word of normalised char k."""
+        n = len(word)
+        if n > self.max_chars_per_word:
+            return (self.unk_id,), ((origin[0], origin[-1] + 1),)
+        vocab = self.vocab
+        ids, spans = [], []
+        start = 0
+        while start < n:
+            end = n
+            prefix = "##" if start > 0 else ""
+            while end > start:
+                tid = vocab.get(prefix + word[start:end])
+                if tid is not None:
+                    break
+                end -= 1
+            else:
+                return (self.unk_id,), ((origin[0], origin[-1] + 1),)
+            ids.append(tid)
+            spans.append((origin[start], origin[end - 1] + 1))
+            start = end
+        return tuple(ids), tuple(spans)
+
+
+def infer_lower_case(tokens):
+    """An uncased vocab has no upper-case letters outside bracketed specials like [CLS]/[unused0]."""
+    for t in tokens:
+        if t.startswith("[") and t.endswith("]"):
+            continue
+        if any(c.isupper() for c in t):
+            return False
+    return True

@@ -1,0 +1,84 @@
+"""Cross-entropy over logits split along the vocabulary, without ever gathering the vocabulary.
+
+Per token we need three global quantities, each one all-reduce of a scalar per token:
+the max logit (for a stable softmax), the target's logit (only one rank owns it) and the sum of
+exponentials. Label smoothing adds the sum of all logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, ignore_index, label_smoothing):
+        # logits: [..., V/tp] (any dtype; computed in fp32)   target: [...]
+        logits = logits.float()
+        tp = comm.group_size(group)
+        part = logits.shape[-1]
+        vocab_size = part * tp
+        start = comm.group_rank(group) * part
+
+        max_logit = logits.max(dim=-1).values
+        if tp > 1:
+            dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - max_logit.unsqueeze(-1)
+
+        ignored = target == ignore_index
+        local_target = target - start
+        outside = (local_target < 0) | (local_target >= part) | ignored
+        local_target = local_target.masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        stats = torch.stack([target_logit, sum_exp], dim=0)
+        if label_smoothing > 0:
+            stats = torch.cat([stats, shifted.sum(dim=-1).unsqueeze(0)], dim=0)
+        comm.all_reduce(stats, group)  # one collective for all per-token sums
+        target_logit, sum_exp = stats[0], stats[1]
+
+        log_z = sum_exp.log()
+        loss = log_z - target_logit
+        if label_smoothing > 0:
+            mean_log_prob = stats[2] / vocab_size - log_z
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_log_prob
+        loss = loss.masked_fill(ignored, 0.0)
+
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_target, outside, ignored)
+        ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, outside, ignored = ctx.saved_tensors
+        eps = ctx.label_smoothing
+        grad = softmax  # reused in place: backward runs once
+        owns = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local_target.unsqueeze(-1), -(1.0 - eps) * owns.unsqueeze(-1))
+        if eps > 0:
+            grad.sub_(eps / ctx.vocab_size)
+        grad.mul_((grad_loss * (~ignored).to(grad.dtype)).unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-token loss ``[...]`` (0 at ignored positions) from vocab-parallel logits ``[..., V/tp]``.
+
+    The returned gradient has the logits' dtype cast by autograd; math is fp32 throughout.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, label_smoothing)

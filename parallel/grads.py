@@ -1,0 +1,105 @@
+"""Gradient synchronisation and TP-aware norms.
+
+* DP: every data-parallel replica holds the same parameters, so gradients are averaged over the
+  DP group (bucketed, one all-reduce per ~25M elements).
+* SP: replicated parameters used inside sequence-parallel regions (LayerNorm, row-parallel bias)
+  only saw this rank's share of the sequence, so their grads are summed over the TP group.
+* Norm: TP-sharded params contribute their shard on every rank; replicated params are counted
+  once (on TP rank 0), then one all-reduce over TP gives the global norm.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from . import comm
+from .init import is_tp_sharded
+from .state import ParallelState
+
+_BUCKET_ELEMS = 25_000_000
+
+
+def _buckets(tensors: list[torch.Tensor]):
+    """Group tensors by dtype/device into buckets of about _BUCKET_ELEMS elements."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for ts in groups.values():
+        bucket, size = [], 0
+        for t in ts:
+            bucket.append(t)
+            size += t.numel()
+            if size >= _BUCKET_ELEMS:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
+
+
+def _allreduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0) -> None:
+    for bucket in _buckets(tensors):
+        flat = _flatten_dense_tensors(bucket)
+        comm.all_reduce(flat, group)
+        if scale != 1.0:
+            flat.mul_(scale)
+        for t, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            t.copy_(synced)
+
+
+def allreduce_data_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> None:
+    """Average gradients over the data-parallel group."""
+    if ps.dp_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    _allreduce_coalesced(grads, ps.dp_group, 1.0 / ps.dp_size)
+
+
+def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> None:
+    """Sum the partial grads of replicated params that live in sequence-parallel regions."""
+    if ps.tp_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None and getattr(p, "sequence_parallel", False)]
+    if grads:
+        _allreduce_coalesced(grads, ps.tp_group)
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type: float = 2.0) -> torch.Tensor:
+    """Global gradient norm (fp32 scalar tensor), the same on every rank."""
+    params = [p for p in params if p.grad is not None]
+    device = params[0].grad.device if params else ps.device
+    if norm_type == float("inf"):
+        local = torch.zeros((), dtype=torch.float32, device=device)
+        for p in params:
+            local = torch.maximum(local, p.grad.detach().abs().max().float())
+        if ps.tp_size > 1:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.tp_group)
+        return local
+    sharded = [p.grad.detach() for p in params if is_tp_sharded(p)]
+    replicated = [p.grad.detach() for p in params if not is_tp_sharded(p)]
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in sharded:
+        total += g.float().norm(norm_type) ** norm_type
+    if ps.tp_rank == 0:
+        for g in replicated:
+            total += g.float().norm(norm_type) ** norm_type
+    comm.all_reduce(total, ps.tp_group)
+    return total ** (1.0 / norm_type)
+
+
+def clip_grad_norm_(
+    params: Iterable[torch.nn.Parameter], max_norm: float, ps: ParallelState, norm_type: float = 2.0
+) -> torch.Tensor:
+    """Scale grads so the global norm is at most ``max_norm``; returns the norm before clipping.
+
+    A non-finite norm is returned unchanged and grads are left alone, so callers can skip the step.
+    """
+    params = [p for p in params if p.grad is not None]
+    norm = grad_norm(params, ps, norm_type)
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        if torch.isfinite(norm):
+            torch._foreach_mul_([p.grad for p in params], coef)
+    return norm

@@ -1,0 +1,235 @@
+"""Column- and row-parallel linear layers and the vocab-parallel embedding.
+
+Shapes use the sequence-first convention ``[s, b, h]``, but the linear layers work on any leading
+dims. With ``sequence_parallel`` the input of a column-parallel layer is the sequence shard
+``[s/tp, b, h]`` and the output of a row-parallel layer is reduce-scattered back to it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import comm
+from .init import InitMethod, init_sharded, set_tp_metadata, zeros_init
+from .mappings import gather_from_tp, reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp
+from .state import ParallelState, check_divisible
+
+
+def _all_gather_seq_async(x: torch.Tensor, group):
+    """All-gather dim 0; returns (tensor, handle-or-None). Async only where nccl can."""
+    world = comm.group_size(group)
+    if world > 1 and comm._is_nccl(group):
+        out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        return out, torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=True)
+    return comm.all_gather_along_dim(x, group, 0), None
+
+
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """``y = gather_or_copy(x) @ Wᵀ + b`` with the input-gradient collective overlapped with the
+    weight-gradient GEMM (the async all-reduce of Megatron's column-parallel backward).
+
+    Without sequence parallel the entry is "copy" (bwd all-reduce of dL/dx); with it the entry is an
+    all-gather of the sequence (bwd reduce-scatter). Under SP only the local shard is saved and the
+    full input is re-gathered in backward, so activation memory stays 1/tp.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, sequence_parallel):
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        ctx.has_bias = bias is not None
+        # Apply autocast by hand: backward runs outside autocast, and its GEMMs must see the
+        # same dtypes the forward used.
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+            x, weight = x.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        total = comm.all_gather_along_dim(x, group, 0) if sequence_parallel else x
+        ctx.save_for_backward(x, weight)
+        with torch.autocast(dev, enabled=False):
+            return F.linear(total, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        group, sp = ctx.group, ctx.sequence_parallel
+        gather_handle = None
+        if sp:
+            total, gather_handle = _all_gather_seq_async(x, group)
+        else:
+            total = x
+        grad_in = grad_out.matmul(weight)
+        if gather_handle is not None:
+            gather_handle.wait()
+
+        reduce_handle = None
+        if sp:
+            if comm._is_nccl(group) and comm.group_size(group) > 1:
+                world = comm.group_size(group)
+                scattered = torch.empty(
+                    (grad_in.shape[0] // world,) + tuple(grad_in.shape[1:]), dtype=grad_in.dtype, device=grad_in.device
+                )
+                reduce_handle = torch.distributed.reduce_scatter_tensor(
+                    scattered, grad_in.contiguous(), group=group, async_op=True
+                )
+            else:
+                scattered = comm.reduce_scatter_along_dim(grad_in, group, 0)
+        else:
+            reduce_handle = comm.all_reduce(grad_in, group, async_op=True)
+
+        # Weight/bias gradients while the collective runs.
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_w = g2.t().matmul(total.reshape(-1, total.shape[-1]))
+        grad_b = g2.sum(0) if ctx.has_bias else None
+        if reduce_handle is not None:
+            reduce_handle.wait()
+        return (scattered if sp else grad_in), grad_w, grad_b, None, None
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X Aᵀ`` with A split by rows (output features): each rank computes its slice of Y.
+
+    Weight: ``[output_size / tp, input_size]``, ``partition_dim = 0``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        ps: ParallelState,
+        *,
+        init_method: InitMethod,
+        bias: bool = True,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        skip_bias_add: bool = False,
+        stride: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        check_divisible(output_size, ps.tp_size, "output size of a column-parallel layer",
+                        "choose parallel.tensor dividing the layer width")
+        if gather_output and sequence_parallel:
+            raise ValueError("gather_output and sequence_parallel cannot be combined")
+        self.ps = ps
+        self.input_size, self.output_size = input_size, output_size
+        self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
+        self.skip_bias_add = skip_bias_add
+        weight = init_sharded((output_size, input_size), init_method, 0, ps.tp_rank, ps.tp_size, stride, dtype)
+        self.weight = nn.Parameter(weight.to(ps.device))
+        set_tp_metadata(self.weight, 0, stride)
+        if bias:
+            b = init_sharded((output_size,), zeros_init, 0, ps.tp_rank, ps.tp_size, stride, dtype)
+            self.bias = nn.Parameter(b.to(ps.device))
+            set_tp_metadata(self.bias, 0, stride)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [s, b, in] (or [s/tp, b, in] under SP) → y: [s, b, out/tp]
+        bias = None if self.skip_bias_add else self.bias
+        if self.ps.tp_size == 1:
+            y = F.linear(x, self.weight, bias)
+        else:
+            y = _ColumnParallelMatmul.apply(x, self.weight, bias, self.ps.tp_group, self.sequence_parallel)
+        return gather_from_tp(y, self.ps.tp_group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_size} (/{self.ps.tp_size}), sp={self.sequence_parallel}"
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X Aᵀ`` with A split by columns (input features): partial sums reduced across TP.
+
+    Weight: ``[output_size, input_size / tp]``, ``partition_dim = 1``. The bias is replicated and
+    added after the reduction.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        ps: ParallelState,
+        *,
+        init_method: InitMethod,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        skip_bias_add: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        check_divisible(input_size, ps.tp_size, "input size of a row-parallel layer",
+                        "choose parallel.tensor dividing the layer width")
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("sequence_parallel needs input_is_parallel=True")
+        self.ps = ps
+        self.input_size, self.output_size = input_size, output_size
+        self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
+        self.skip_bias_add = skip_bias_add
+        weight = init_sharded((output_size, input_size), init_method, 1, ps.tp_rank, ps.tp_size, 1, dtype)
+        self.weight = nn.Parameter(weight.to(ps.device))
+        set_tp_metadata(self.weight, 1)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=dtype, device=ps.device))
+            # Under SP the bias is added to the sequence shard: its grad is partial per rank.
+            self.bias.sequence_parallel = sequence_parallel
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [s, b, in/tp] → y: [s, b, out] (or [s/tp, b, out] under SP)
+        group = self.ps.tp_group
+        if not self.input_is_parallel:
+            x = scatter_to_tp(x, group)
+        y = F.linear(x, self.weight)
+        y = reduce_scatter_to_sp(y, group) if self.sequence_parallel else reduce_from_tp(y, group)
+        if self.bias is not None and not self.skip_bias_add:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size} (/{self.ps.tp_size}), out={self.output_size}, sp={self.sequence_parallel}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split along the vocabulary: ``[V / tp, h]`` per rank.
+
+    Each rank looks up the ids that fall in its range, zeros the rest, and the partial results
+    are summed across TP (``reduce_output=False`` leaves that to the caller, e.g. to reduce-scatter
+    straight into a sequence-parallel region).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        ps: ParallelState,
+        *,
+        init_method: InitMethod,
+        reduce_output: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        check_divisible(num_embeddings, ps.tp_size, "vocabulary size",
+                        "pad the vocabulary to a multiple of parallel.tensor")
+        self.ps = ps
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.reduce_output = reduce_output
+        per_rank = num_embeddings // ps.tp_size
+        self.vocab_start, self.vocab_end = ps.tp_rank * per_rank, (ps.tp_rank + 1) * per_rank
+        weight = init_sharded((num_embeddings, embedding_dim), init_method, 0, ps.tp_rank, ps.tp_size, 1, dtype)
+        self.weight = nn.Parameter(weight.to(ps.device))
+        set_tp_metadata(self.weight, 0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.ps.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.ps.tp_group) if self.reduce_output else out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings} (/{self.ps.tp_size}), {self.embedding_dim}"

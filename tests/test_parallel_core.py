@@ -1,0 +1,106 @@
+"""The tensor-parallel core against single-process torch.nn references (real gloo ranks)."""
+import pytest
+import torch
+
+import parallel_checks
+from dist_harness import run_distributed
+from parallel import (
+    ColumnParallelLinear,
+    ParallelConfigError,
+    ParallelState,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    normal_init,
+    shard_of,
+    unshard,
+    validate_layout,
+)
+from parallel.random import RNGTracker, keyed_keep_mask, slice_index
+
+
+@pytest.mark.parametrize("world,tp", [(1, 1), (2, 2), (4, 4), (4, 2)], ids=["tp1", "tp2", "tp4", "tp2xdp2"])
+def test_parallel_core_matches_single_process(world, tp):
+    results = run_distributed(world, tp, parallel_checks.run_all)
+    expected = ["mappings ok", "mlp ok", "embedding ok", "cross entropy ok"]
+    if tp > 1:
+        expected.append("mlp ok")
+    if world // tp > 1:
+        expected.append("dp ok")
+    assert results == [expected] * world
+
+
+def test_single_process_state_needs_no_process_group():
+    ps = ParallelState.from_env(1, device="cpu", env={})
+    assert (ps.world_size, ps.tp_size, ps.dp_size, ps.tp_group) == (1, 1, 1, None)
+    layer = ColumnParallelLinear(4, 6, ps, init_method=normal_init(0.02))
+    assert layer(torch.randn(2, 4)).shape == (2, 6)
+
+
+def test_weights_at_tp4_are_slices_of_tp1():
+    """Build the same layers with (fake) TP ranks 0..3 and stitch them back: equals TP=1."""
+    full = ColumnParallelLinear(8, 16, ParallelState.single(), init_method=normal_init(0.02, torch.Generator().manual_seed(5)))
+    shards = []
+    for rank in range(4):
+        ps = ParallelState(tp_size=4, tp_rank=rank, world_size=4, rank=rank)
+        layer = ColumnParallelLinear(8, 16, ps, init_method=normal_init(0.02, torch.Generator().manual_seed(5)))
+        assert layer.weight.partition_dim == 0 and layer.weight.tensor_parallel
+        shards.append(layer.weight.detach())
+    assert torch.equal(unshard(shards, 0), full.weight.detach())
+
+
+def test_strided_shard_roundtrip():
+    full = torch.arange(24.0).view(12, 2)  # 3 stacked blocks of 4 rows
+    shards = [shard_of(full, 0, r, 2, stride=3) for r in range(2)]
+    assert torch.equal(shards[0][:2], full[0:2]) and torch.equal(shards[0][2:4], full[4:6])
+    assert torch.equal(unshard(shards, 0, stride=3), full)
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda ps: ColumnParallelLinear(8, 6, ps, init_method=normal_init(0.02)), "output size .* not divisible by 4"),
+        (lambda ps: RowParallelLinear(6, 8, ps, init_method=normal_init(0.02)), "input size .* not divisible by 4"),
+        (lambda ps: VocabParallelEmbedding(30, 8, ps, init_method=normal_init(0.02)), "vocabulary size .* not divisible by 4"),
+    ],
+)
+def test_bad_sizes_give_one_clear_error(build, match):
+    ps = ParallelState(tp_size=4, tp_rank=0, world_size=4)
+    with pytest.raises(ParallelConfigError, match=match) as info:
+        build(ps)
+    assert "\n" not in str(info.value)
+
+
+def test_world_size_not_divisible_by_tp():
+    with pytest.raises(ParallelConfigError, match=r"world size \(6\) is not divisible by 4.*parallel.tensor"):
+        validate_layout(6, 4)
+    with pytest.raises(ParallelConfigError, match="parallel.tensor must be >= 1"):
+        validate_layout(2, 0)
+    with pytest.raises(ParallelConfigError, match="not divisible"):
+        ParallelState.from_env(4, device="cpu", env={"WORLD_SIZE": "6", "RANK": "0"})
+
+
+def test_rng_tracker_streams_are_separate_and_restorable():
+    tracker = RNGTracker("cpu")
+    torch.manual_seed(1)
+    tracker.add("model-parallel", 123)
+    saved = tracker.get_states()
+    with tracker.fork():
+        a = torch.rand(4)
+    default_after = torch.rand(4)
+    torch.manual_seed(1)
+    assert torch.equal(default_after, torch.rand(4)), "fork must not advance the default stream"
+    tracker.set_states(saved)
+    with tracker.fork():
+        assert torch.equal(a, torch.rand(4)), "restored stream must replay"
+    with tracker.fork():
+        assert not torch.equal(a, torch.rand(4)), "stream must advance"
+
+
+def test_keyed_mask_is_layout_independent_and_unbiased():
+    keys = torch.tensor([11, 12, 13], dtype=torch.int64).view(1, 3, 1)
+    glob = (16, 3, 32)
+    full = keyed_keep_mask(keys, slice_index(glob, (0, 0, 0), glob, "cpu"), 0.25)
+    half = keyed_keep_mask(keys, slice_index(glob, (8, 0, 0), (8, 3, 32), "cpu"), 0.25)
+    assert torch.equal(full[8:], half)
+    big = keyed_keep_mask(torch.tensor([7]), torch.arange(200_000), 0.1)
+    assert abs(big.float().mean().item() - 0.9) < 0.005
