@@ -2,7 +2,7 @@
 from .cross_entropy import vocab_parallel_cross_entropy
 from .grads import allreduce_data_parallel_grads, allreduce_sequence_parallel_grads, clip_grad_norm_, grad_norm
 from .init import init_sharded, is_tp_sharded, normal_init, set_tp_metadata, shard_of, unshard
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, column_parallel_linear
 from .mappings import (
     copy_to_tp,
     gather_from_sp,
@@ -17,7 +17,7 @@ from .state import ParallelConfigError, ParallelState, validate_layout
 
 __all__ = [
     "ParallelState", "ParallelConfigError", "validate_layout",
-    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
+    "ColumnParallelLinear", "column_parallel_linear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "copy_to_tp", "reduce_from_tp", "scatter_to_tp", "gather_from_tp",
     "scatter_to_sp", "gather_from_sp", "reduce_scatter_to_sp",
     "RNGTracker", "seed_everything", "checkpoint", "keyed_dropout",

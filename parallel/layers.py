@@ -87,6 +87,13 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         return (scattered if sp else grad_in), grad_w, grad_b, None, None
 
 
+def column_parallel_linear(x, weight, bias, group, sequence_parallel: bool = False) -> torch.Tensor:
+    """Functional form, e.g. for logits against a vocab-parallel embedding table (tied weights)."""
+    if comm.group_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _ColumnParallelMatmul.apply(x, weight, bias, group, sequence_parallel)
+
+
 class ColumnParallelLinear(nn.Module):
     """``Y = X Aᵀ`` with A split by rows (output features): each rank computes its slice of Y.
 
@@ -129,10 +136,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [s, b, in] (or [s/tp, b, in] under SP) → y: [s, b, out/tp]
         bias = None if self.skip_bias_add else self.bias
-        if self.ps.tp_size == 1:
-            y = F.linear(x, self.weight, bias)
-        else:
-            y = _ColumnParallelMatmul.apply(x, self.weight, bias, self.ps.tp_group, self.sequence_parallel)
+        y = column_parallel_linear(x, self.weight, bias, self.ps.tp_group, self.sequence_parallel)
         return gather_from_tp(y, self.ps.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:

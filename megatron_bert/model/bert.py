@@ -1,0 +1,176 @@
+"""The Megatron BERT encoder: embeddings (no embedding LayerNorm) → pre-LN layers → final LN.
+
+Tensor layout inside is ``[s, b, h]``. The bare model's public output is batch-first like
+Hugging Face's: ``last_hidden_state [b, s, h]`` and ``pooler_output [b, h]``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from parallel import ParallelState, VocabParallelEmbedding
+from parallel.init import InitMethod, normal_init
+from parallel.mappings import gather_from_sp, reduce_from_tp, reduce_scatter_to_sp
+from parallel.random import RNGTracker, seed_everything
+
+from ..config import ModelConfig, ModelConfigError, ModelRuntime
+from .dropout import SITE_EMBEDDINGS, DropoutContext
+from .transformer import TransformerEncoder
+
+
+@dataclass
+class Initializers:
+    """One generator for the whole model, consumed in construction order: every TP rank draws
+    the same numbers, so the global weights do not depend on the TP size."""
+
+    generator: torch.Generator
+    init: InitMethod  # N(0, std)
+    out_init: InitMethod  # N(0, std / sqrt(2 L)) for the projections that feed the residual
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, seed: int) -> "Initializers":
+        gen = torch.Generator().manual_seed(seed)
+        return cls(gen, normal_init(cfg.init_std, gen), normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers), gen))
+
+
+def replicated_linear(in_f: int, out_f: int, init: InitMethod, device: torch.device) -> nn.Linear:
+    layer = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        init(layer.weight)
+        layer.bias.zero_()
+    return layer.to(device)
+
+
+def replicated_embedding(num: int, dim: int, init: InitMethod, device: torch.device, sp: bool) -> nn.Embedding:
+    emb = nn.Embedding(num, dim)
+    with torch.no_grad():
+        init(emb.weight)
+    emb.weight.sequence_parallel = sp  # looked up for this rank's sequence shard only under SP
+    return emb.to(device)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, init: InitMethod):
+        super().__init__()
+        self.cfg, self.rt, self.ps = cfg, rt, ps
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.padded_vocab_size, cfg.hidden_size, ps, init_method=init, reduce_output=False)
+        sp = rt.sequence_parallel and ps.tp_size > 1
+        self.position_embeddings = replicated_embedding(cfg.max_position_embeddings, cfg.hidden_size, init, ps.device, sp)
+        self.token_type_embeddings = replicated_embedding(cfg.type_vocab_size, cfg.hidden_size, init, ps.device, sp)
+
+    def forward(self, input_ids, token_type_ids, dctx: DropoutContext) -> torch.Tensor:
+        # input_ids, token_type_ids: [b, s] → [s, b, h]  (or [s/tp, b, h] under sequence parallel)
+        word = self.word_embeddings(input_ids).transpose(0, 1)  # partial sums over TP ranks
+        if self.rt.sequence_parallel:
+            word = reduce_scatter_to_sp(word.contiguous(), self.ps.tp_group)
+        else:
+            word = reduce_from_tp(word, self.ps.tp_group)
+        s_local, off = word.shape[0], dctx.seq_offset
+        positions = torch.arange(off, off + s_local, device=input_ids.device)
+        types = token_type_ids[:, off:off + s_local].transpose(0, 1)
+        x = word + self.position_embeddings(positions).unsqueeze(1) + self.token_type_embeddings(types)
+        return dctx.hidden(x, self.cfg.hidden_dropout, SITE_EMBEDDINGS)
+
+
+class Pooler(nn.Module):
+    """tanh(W h[CLS] + b)."""
+
+    def __init__(self, hidden: int, init: InitMethod, device: torch.device):
+        super().__init__()
+        self.dense = replicated_linear(hidden, hidden, init, device)
+
+    def forward(self, hidden_bsh: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_bsh[:, 0]))
+
+
+def extended_mask(attention_mask: torch.Tensor | None, seq_len: int, causal: bool, device) -> torch.Tensor | None:
+    """[b, s] (1 = real token) → boolean ``[b, 1, 1|s, s]`` (True = may attend)."""
+    mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    if causal:
+        tri = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]
+        mask = tri if mask is None else mask & tri
+    return mask
+
+
+class MegatronBertModel(nn.Module):
+    """The bare encoder (+ optional pooler)."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, rt: ModelRuntime | None = None, *,
+                 add_pooler: bool = True, inits: Initializers | None = None, tracker: RNGTracker | None = None):
+        super().__init__()
+        rt = rt or ModelRuntime()
+        cfg.validate(ps.tp_size)
+        if rt.sequence_parallel and ps.tp_size == 1:
+            rt = ModelRuntime(**{**rt.__dict__, "sequence_parallel": False})
+        self.cfg, self.rt, self.ps = cfg, rt, ps
+        inits = inits or Initializers.for_model(cfg, rt.seed)
+        if tracker is None and rt.dropout_impl == "native":
+            tracker = seed_everything(rt.seed, ps.tp_rank, ps.device)
+        self.tracker = tracker
+        self.embeddings = Embeddings(cfg, rt, ps, inits.init)
+        self.encoder = TransformerEncoder(cfg, rt, ps, inits.init, inits.out_init)
+        self.pooler = Pooler(cfg.hidden_size, inits.init, ps.device) if add_pooler else None
+        self._calls = 0
+
+    # ------------------------------------------------------------------ input checks
+    def check_inputs(self, input_ids, token_type_ids) -> None:
+        s = input_ids.shape[-1]
+        if s > self.cfg.max_position_embeddings:
+            raise ModelConfigError(
+                f"sequence length {s} exceeds model.max_position_embeddings={self.cfg.max_position_embeddings}: "
+                "shorten data.seq_length or use a model with more positions")
+        if self.rt.sequence_parallel and s % self.ps.tp_size:
+            raise ModelConfigError(
+                f"sequence length {s} is not divisible by parallel.tensor={self.ps.tp_size}, which sequence "
+                "parallelism needs: pad the sequence or turn parallel.sequence_parallel off")
+        if not self.rt.validate_inputs:
+            return
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ModelConfigError(
+                f"token id {hi if hi >= self.cfg.vocab_size else lo} is outside the vocabulary [0, {self.cfg.vocab_size}): "
+                "the tokenizer does not match model.vocab_size")
+        tmax = int(token_type_ids.max())
+        if int(token_type_ids.min()) < 0 or tmax >= self.cfg.type_vocab_size:
+            raise ModelConfigError(
+                f"token type id {tmax} is outside [0, {self.cfg.type_vocab_size}) (model.type_vocab_size)")
+
+    def dropout_context(self, batch: int, seq_len: int, device, sample_ids=None) -> DropoutContext:
+        if sample_ids is None and self.training and self.rt.dropout_impl == "keyed":
+            # Outside the trainer: fresh ids per call (unique per DP rank), still TP-invariant.
+            start = (self._calls * self.ps.dp_size + self.ps.dp_rank) * batch
+            sample_ids = torch.arange(start, start + batch, device=device)
+            self._calls += 1
+        offset = self.ps.tp_rank * (seq_len // self.ps.tp_size) if self.rt.sequence_parallel else 0
+        return DropoutContext(self.training, self.rt.dropout_impl, self.rt.seed,
+                              None if sample_ids is None else sample_ids.to(device), seq_len, offset, self.tracker)
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, sample_ids=None,
+               causal: bool = False) -> tuple[torch.Tensor, DropoutContext]:
+        """→ final hidden states ``[s, b, h]`` on every rank (full sequence) and the dropout context."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        self.check_inputs(input_ids, token_type_ids)
+        b, s = input_ids.shape
+        dctx = self.dropout_context(b, s, input_ids.device, sample_ids)
+        mask = extended_mask(attention_mask, s, causal, input_ids.device)
+        x = self.embeddings(input_ids, token_type_ids, dctx)
+        x = self.encoder(x, mask, dctx)
+        if self.rt.sequence_parallel:
+            # Everything after this point is replicated work, so each rank's gradient of the gathered
+            # tensor is already complete: backward just keeps this rank's chunk.
+            x = gather_from_sp(x, self.ps.tp_group, grad_is_partial=False)
+        return x, dctx
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, sample_ids=None):
+        from .heads import ModelOutput
+
+        hidden, _ = self.encode(input_ids, attention_mask, token_type_ids, sample_ids)
+        hidden = hidden.transpose(0, 1)  # [b, s, h]
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return ModelOutput(last_hidden_state=hidden, pooler_output=pooled)

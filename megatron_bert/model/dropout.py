@@ -1,0 +1,75 @@
+"""Dropout sites of the model and the per-forward context that drives them.
+
+With ``dropout_impl="keyed"`` every dropout mask is a function of (seed, site, global sample id,
+global element index) — see ``parallel/random.py`` — so TP size, DP size, micro-batching,
+sequence-parallel sharding and recompute all give the same masks. ``native`` uses torch's RNG
+(through the model-parallel RNG tracker inside TP regions), which is faster on GPU but not invariant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from parallel.random import RNGTracker, dropout_keys, keyed_dropout, slice_index
+
+# Site numbering: embeddings 0, then 3 sites per layer, heads far above.
+SITE_EMBEDDINGS = 0
+SITE_HEAD = 1_000_000
+
+
+def layer_site(layer: int, which: int) -> int:
+    """which: 0 attention probs, 1 attention output, 2 MLP output."""
+    return 1 + 3 * layer + which
+
+
+@dataclass
+class DropoutContext:
+    training: bool
+    impl: str
+    seed: int
+    sample_ids: torch.Tensor | None  # [b] global sample ids (keyed mode)
+    seq_len: int  # full sequence length
+    seq_offset: int  # where this rank's sequence shard starts (sequence parallel), else 0
+    tracker: RNGTracker | None = None
+
+    def active(self, p: float) -> bool:
+        return self.training and p > 0.0
+
+    def _keys(self, site: int) -> torch.Tensor:
+        return dropout_keys(self.seed, site, self.sample_ids)
+
+    def hidden(self, x: torch.Tensor, p: float, site: int) -> torch.Tensor:
+        """Dropout on a replicated-region activation ``[s_local, b, h]``."""
+        if not self.active(p):
+            return x
+        if self.impl == "native":
+            return F.dropout(x, p, True)
+        s_local, _, h = x.shape
+        keys = self._keys(site).view(1, -1, 1)
+        index = slice_index((self.seq_len, h), (self.seq_offset, 0), (s_local, h), x.device).unsqueeze(1)
+        return keyed_dropout(x, p, keys, index)
+
+    def batch_first(self, x: torch.Tensor, p: float, site: int) -> torch.Tensor:
+        """Dropout on a head input ``[b, ...]`` (replicated, full sequence)."""
+        if not self.active(p):
+            return x
+        if self.impl == "native":
+            return F.dropout(x, p, True)
+        rest = tuple(x.shape[1:])
+        keys = self._keys(site).view((-1,) + (1,) * len(rest))
+        index = slice_index(rest, (0,) * len(rest), rest, x.device).unsqueeze(0)
+        return keyed_dropout(x, p, keys, index)
+
+    def attention_probs(self, probs: torch.Tensor, p: float, site: int, head_offset: int, num_heads: int):
+        """Dropout on ``[b, heads_local, s, s]`` attention probabilities (a TP region: this rank's heads)."""
+        if not self.active(p):
+            return probs
+        if self.impl == "native":
+            with self.tracker.fork():
+                return F.dropout(probs, p, True)
+        _, nh, sq, sk = probs.shape
+        keys = self._keys(site).view(-1, 1, 1, 1)
+        index = slice_index((num_heads, sq, sk), (head_offset, 0, 0), (nh, sq, sk), probs.device).unsqueeze(0)
+        return keyed_dropout(probs, p, keys, index)

@@ -1,0 +1,123 @@
+"""Pre-LN transformer layers on the tensor-parallel core.
+
+    x = x + Dropout(Attn(LN(x)))
+    x = x + Dropout(MLP(LN(x)))
+
+Activations are ``[s, b, h]``; under sequence parallelism ``[s/tp, b, h]`` outside the TP blocks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
+from parallel.init import InitMethod
+from parallel.random import checkpoint
+
+from ..config import ModelConfig, ModelRuntime
+from .dropout import DropoutContext, layer_site
+from .norm import make_layernorm
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def attention_core(q, k, v, mask, dctx: DropoutContext, p: float, site: int, head_offset: int, num_heads: int):
+    """softmax(q kᵀ / √d) v over ``[b, heads, s, head_dim]`` with a boolean mask (True = attend).
+
+    Uses SDPA (flash / memory-efficient kernels on GPU) except when keyed dropout must act on the
+    probabilities themselves, where the scores are formed explicitly.
+    """
+    if dctx.active(p) and dctx.impl == "keyed":
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        probs = dctx.attention_probs(probs, p, site, head_offset, num_heads)
+        return torch.matmul(probs, v)
+    if dctx.active(p):  # native: dropout inside the fused kernel, on this rank's own stream
+        with dctx.tracker.fork():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV (column-parallel, per-head layout ``[heads, 3, head_dim]`` so every rank owns whole
+    heads) → attention core → output projection (row-parallel)."""
+
+    def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, layer: int,
+                 init: InitMethod, out_init: InitMethod):
+        super().__init__()
+        self.cfg, self.rt, self.ps, self.layer = cfg, rt, ps, layer
+        self.heads_local = cfg.num_attention_heads // ps.tp_size
+        self.query_key_value = ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, ps, init_method=init, sequence_parallel=rt.sequence_parallel)
+        self.dense = RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        mixed = self.query_key_value(x)  # [s, b, heads_local * 3 * hd]
+        s, b, _ = mixed.shape
+        q, k, v = mixed.view(s, b, self.heads_local, 3, self.cfg.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
+        # q, k, v: [b, heads_local, s, hd]
+        args = (q, k, v, mask, dctx, self.cfg.attention_dropout, layer_site(self.layer, 0),
+                self.ps.tp_rank * self.heads_local, self.cfg.num_attention_heads)
+        if self.rt.recompute == "selective":
+            ctx = checkpoint(attention_core, dctx.tracker, *args)
+        else:
+            ctx = attention_core(*args)
+        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.cfg.head_dim)  # [s, b, h/tp]
+        return self.dense(ctx)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, init: InitMethod, out_init: InitMethod):
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(
+            cfg.hidden_size, cfg.ffn_hidden_size, ps, init_method=init, sequence_parallel=rt.sequence_parallel)
+        self.dense_4h_to_h = RowParallelLinear(
+            cfg.ffn_hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel)
+        self.act = _ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, layer: int,
+                 init: InitMethod, out_init: InitMethod):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        sp = rt.sequence_parallel
+        self.input_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, sp)
+        self.attention = SelfAttention(cfg, rt, ps, layer, init, out_init)
+        self.post_attention_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, sp)
+        self.mlp = MLP(cfg, rt, ps, init, out_init)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        p = self.cfg.hidden_dropout
+        x = x + dctx.hidden(self.attention(self.input_layernorm(x), mask, dctx), p, layer_site(self.layer, 1))
+        x = x + dctx.hidden(self.mlp(self.post_attention_layernorm(x)), p, layer_site(self.layer, 2))
+        return x
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, init: InitMethod, out_init: InitMethod):
+        super().__init__()
+        self.rt = rt
+        self.layers = nn.ModuleList(TransformerLayer(cfg, rt, ps, i, init, out_init) for i in range(cfg.num_layers))
+        self.final_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, rt.sequence_parallel)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        for layer in self.layers:
+            if self.rt.recompute == "full" and torch.is_grad_enabled():
+                x = checkpoint(layer, dctx.tracker, x, mask, dctx)
+            else:
+                x = layer(x, mask, dctx)
+        return self.final_layernorm(x)

@@ -1,0 +1,162 @@
+"""Megatron BERT: TP/SP equivalence with dropout, recompute, every head, and input errors."""
+import pytest
+import torch
+
+import model_checks
+from dist_harness import run_distributed
+from megatron_bert.config import ModelConfig, ModelConfigError, ModelRuntime, named_config
+from megatron_bert.model import (
+    MegatronBertForCausalLM,
+    MegatronBertForMaskedLM,
+    MegatronBertForMultipleChoice,
+    MegatronBertForNextSentencePrediction,
+    MegatronBertForPreTraining,
+    MegatronBertForQuestionAnswering,
+    MegatronBertForSequenceClassification,
+    MegatronBertForTokenClassification,
+    MegatronBertModel,
+)
+from parallel import ParallelState
+
+single = ParallelState.single
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_matches_tp1_with_dropout_sp_and_recompute(tp):
+    results = run_distributed(tp, tp, model_checks.run_all)
+    for report, native in results:
+        assert set(report) == {f"sp={sp},recompute={rc}" for sp in (False, True) for rc in ("none", "full")}
+        assert native == "native recompute ok"
+
+
+def test_recompute_is_exact_in_one_process():
+    cfg = model_checks.tiny_config()
+    batch = model_checks.make_batch()
+    runs = {}
+    for recompute in ("none", "selective", "full"):
+        model = MegatronBertForPreTraining(cfg, single(), ModelRuntime(seed=5, recompute=recompute))
+        out = model(**batch)
+        out.loss.backward()
+        runs[recompute] = (out.loss.detach(), [p.grad.clone() for p in model.parameters()])
+    for mode in ("selective", "full"):
+        assert torch.equal(runs[mode][0], runs["none"][0])
+        assert all(torch.equal(a, b) for a, b in zip(runs[mode][1], runs["none"][1]))
+
+
+def test_dropout_is_active_and_deterministic():
+    cfg = model_checks.tiny_config()
+    batch = model_checks.make_batch()
+    model = MegatronBertForPreTraining(cfg, single(), ModelRuntime(seed=5))
+    a, b = model(**batch).loss, model(**batch).loss
+    assert torch.equal(a, b), "same sample ids must give the same masks"
+    other = dict(batch, sample_ids=batch["sample_ids"] + 1)
+    assert not torch.equal(a, model(**other).loss), "different samples must get different masks"
+    model.eval()
+    e1 = model(**batch).loss
+    assert not torch.equal(a, e1) and torch.equal(e1, model(**other).loss), "eval mode has no dropout"
+
+
+def _inputs(b=2, s=12, vocab=1000):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, -3:] = 0
+    return ids, mask, torch.zeros_like(ids)
+
+
+def test_every_head_shapes_and_losses():
+    cfg = model_checks.tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+    ids, mask, types = _inputs()
+    b, s, V = ids.shape[0], ids.shape[1], cfg.padded_vocab_size
+
+    out = MegatronBertModel(cfg, single())(ids, mask, types)
+    assert out.last_hidden_state.shape == (b, s, 64) and out.pooler_output.shape == (b, 64)
+
+    labels = torch.full((b, s), -100)
+    labels[:, 2] = 7
+    out = MegatronBertForPreTraining(cfg, single())(ids, mask, types, labels=labels, next_sentence_label=torch.tensor([0, 1]))
+    assert out.prediction_logits.shape == (b, s, V) and out.seq_relationship_logits.shape == (b, 2)
+    ref_lm = torch.nn.functional.cross_entropy(out.prediction_logits[:, 2], labels[:, 2])
+    ref_bin = torch.nn.functional.cross_entropy(out.seq_relationship_logits, torch.tensor([0, 1]))
+    assert torch.allclose(out.loss, ref_lm + ref_bin, atol=1e-6)
+
+    out = MegatronBertForMaskedLM(cfg, single())(ids, mask, types, labels=labels)
+    assert out.prediction_logits.shape == (b, s, V)
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.prediction_logits[:, 2], labels[:, 2]), atol=1e-6)
+
+    out = MegatronBertForCausalLM(cfg, single())(ids, mask, types, labels=ids)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    assert out.logits.shape == (b, s, V) and torch.allclose(out.loss, ref, atol=1e-5)
+    # causal: changing a later token does not change earlier logits
+    ids2 = ids.clone()
+    ids2[:, -1] = (ids2[:, -1] + 1) % 1000
+    clm = MegatronBertForCausalLM(cfg, single())
+    assert torch.allclose(clm(ids, None, types).logits[:, :-1], clm(ids2, None, types).logits[:, :-1], atol=1e-6)
+
+    out = MegatronBertForNextSentencePrediction(cfg, single())(ids, mask, types, labels=torch.tensor([1, 0]))
+    assert out.logits.shape == (b, 2) and out.loss.ndim == 0
+
+    for num_labels, labels_, kind in ((3, torch.tensor([2, 0]), "ce"), (1, torch.tensor([0.5, -1.0]), "mse"),
+                                      (3, torch.tensor([[1.0, 0, 1], [0, 1, 0]]), "bce")):
+        out = MegatronBertForSequenceClassification(cfg, single(), num_labels=num_labels)(ids, mask, types, labels=labels_)
+        assert out.logits.shape == (b, num_labels)
+        ref = {"ce": lambda: torch.nn.functional.cross_entropy(out.logits, labels_),
+               "mse": lambda: torch.nn.functional.mse_loss(out.logits.squeeze(-1), labels_),
+               "bce": lambda: torch.nn.functional.binary_cross_entropy_with_logits(out.logits, labels_)}[kind]()
+        assert torch.allclose(out.loss, ref, atol=1e-6), kind
+
+    mc_ids = torch.stack([ids, ids.flip(1), ids], dim=1)  # [b, 3 choices, s]
+    out = MegatronBertForMultipleChoice(cfg, single())(mc_ids, labels=torch.tensor([1, 2]))
+    assert out.logits.shape == (b, 3) and torch.allclose(out.logits[:, 0], out.logits[:, 2])
+
+    tags = torch.randint(0, 5, (b, s))
+    tags[1, -3:] = -100
+    out = MegatronBertForTokenClassification(cfg, single(), num_labels=5)(ids, mask, types, labels=tags)
+    assert out.logits.shape == (b, s, 5)
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits.reshape(-1, 5), tags.view(-1)), atol=1e-6)
+
+    qa = MegatronBertForQuestionAnswering(cfg, single())
+    out = qa(ids, mask, types, start_positions=torch.tensor([1, 50]), end_positions=torch.tensor([3, 60]))
+    assert out.start_logits.shape == (b, s) and out.end_logits.shape == (b, s)
+    # the out-of-window example is ignored, as in HF
+    ref = (torch.nn.functional.cross_entropy(out.start_logits[:1], torch.tensor([1]))
+           + torch.nn.functional.cross_entropy(out.end_logits[:1], torch.tensor([3]))) / 2
+    assert torch.allclose(out.loss, ref, atol=1e-6)
+
+
+def test_named_sizes():
+    assert (named_config("345m").num_layers, named_config("345m").hidden_size) == (24, 1024)
+    assert named_config("1.3b").num_attention_heads == 32
+    c = named_config("3.9b")
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads) == (48, 2560, 40)
+    assert named_config("base").padded_vocab_size == 30592  # 30522 padded to a multiple of 128
+    with pytest.raises(ModelConfigError, match="unknown model size 'huge'"):
+        named_config("huge")
+
+
+def _one_line(exc_info):
+    assert "\n" not in str(exc_info.value)
+
+
+def test_clear_errors():
+    fake_tp4 = ParallelState(tp_size=4, tp_rank=0, world_size=4)
+    with pytest.raises(ModelConfigError, match="num_attention_heads \\(6\\) is not divisible by parallel.tensor \\(4\\)") as e:
+        MegatronBertModel(ModelConfig(vocab_size=100, hidden_size=48, num_layers=1, num_attention_heads=6), fake_tp4)
+    _one_line(e)
+    with pytest.raises(ModelConfigError, match="hidden_size \\(50\\) is not divisible by model.num_attention_heads") as e:
+        ModelConfig(vocab_size=100, hidden_size=50, num_layers=1, num_attention_heads=4)
+    _one_line(e)
+    cfg = model_checks.tiny_config()
+    model = MegatronBertModel(cfg, single())
+    ids, mask, types = _inputs(s=40)
+    with pytest.raises(ModelConfigError, match="sequence length 40 exceeds model.max_position_embeddings=32") as e:
+        model(ids, mask, types)
+    _one_line(e)
+    ids, mask, types = _inputs()
+    bad = ids.clone()
+    bad[0, 0] = 1000
+    with pytest.raises(ModelConfigError, match="token id 1000 is outside the vocabulary") as e:
+        model(bad, mask, types)
+    _one_line(e)
+    with pytest.raises(ModelConfigError, match="token type id 2 is outside"):
+        model(ids, mask, types + 2)
