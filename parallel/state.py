@@ -149,6 +149,17 @@ class ParallelState:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def device_mesh(self):
+        """A 2-D ``DeviceMesh`` (dp, tp) matching this layout, built on first use (collective call).
+
+        Used to present TP shards as DTensors, e.g. for torch.distributed.checkpoint.
+        """
+        if getattr(self, "_mesh", None) is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(self.device.type, (self.dp_size, self.tp_size), mesh_dim_names=("dp", "tp"))
+        return self._mesh
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

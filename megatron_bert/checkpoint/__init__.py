@@ -1,0 +1,17 @@
+"""Sharded, reshardable, atomic checkpoints (torch.distributed.checkpoint underneath)."""
+from .manager import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+    read_model_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    write_model_checkpoint,
+)
+from .sharded import CheckpointError
+
+__all__ = [
+    "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+    "resolve_checkpoint", "read_meta", "read_model_state", "write_model_checkpoint",
+]
