@@ -22,8 +22,9 @@ class TaskDataError(ValueError):
     """A task input file is malformed. The message is one line: `<where>: <what>; <how to fix>`,
     where <where> is `file:line` or `file: example <id>`, so the CLI can print it as-is."""
 
-    def __init__(self, where: str, problem: str, fix: str | None = None):
-        text = f"{where}: {problem}" + (f"; {fix}" if fix else "")
+    def __init__(self, where: str, problem: str | None = None, fix: str | None = None):
+        # A single argument is taken as the whole message (also what unpickling passes back).
+        text = where if problem is None else f"{where}: {problem}" + (f"; {fix}" if fix else "")
         # Quoted file content may contain newlines; escape them so the message stays one line.
         super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
 
@@ -161,7 +162,7 @@ class TaskDataset:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         # Arrays are stored compactly (int32); models and losses expect int64.
-        out = {k: (v[i].astype(np.int64) if v.dtype.kind in "iu" else v[i].copy())
+        out = {k: np.array(v[i], dtype=np.int64 if v.dtype.kind in "iu" else v.dtype)
                for k, v in self.arrays.items()}
         out["sample_id"] = np.asarray(i, dtype=np.int64)
         return out

@@ -182,17 +182,17 @@ def token_f1(prediction: str, gold: str) -> float:
 def squad_scores(predictions: dict[str, str], golds: dict[str, list[str]]) -> dict[str, float]:
     """Official-style SQuAD EM/F1 in percent: max over gold answers, averaged over questions.
 
-    `golds[qid]` lists the gold answer texts; an empty list (or only answers that normalize to
-    nothing) means unanswerable, scored against "". Questions missing from `predictions` count
-    as wrong. When the set mixes answerable and unanswerable questions (v2.0), `has_ans_*` and
-    `no_ans_*` break the scores down as the v2.0 evaluator does.
+    `golds[qid]` lists the gold answer texts; an empty list means unanswerable, scored against ""
+    (as are answers that normalize to nothing, e.g. "The"). Questions missing from `predictions`
+    count as wrong. When some questions are unanswerable (v2.0), `has_ans_*` and `no_ans_*` break
+    the scores down as the v2.0 evaluator does.
     """
     if not golds:
         return {"exact_match": 0.0, "f1": 0.0}
     em, f1, answerable = {}, {}, {}
     for qid, answers in golds.items():
+        answerable[qid] = bool(answers)
         answers = [a for a in answers if normalize_answer(a)] or [""]
-        answerable[qid] = answers != [""]
         pred = predictions.get(qid)
         if pred is None:
             em[qid] = f1[qid] = 0.0
