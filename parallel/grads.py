@@ -49,12 +49,12 @@ def _allreduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0)
             t.copy_(synced)
 
 
-def allreduce_data_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> None:
-    """Average gradients over the data-parallel group."""
+def allreduce_data_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState, average: bool = True) -> None:
+    """Average (or, when each rank's loss is already normalised globally, sum) grads over DP."""
     if ps.dp_size == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
-    _allreduce_coalesced(grads, ps.dp_group, 1.0 / ps.dp_size)
+    _allreduce_coalesced(grads, ps.dp_group, 1.0 / ps.dp_size if average else 1.0)
 
 
 def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> None:

@@ -1,0 +1,1 @@
+"""The trainer: Hydra config, the training loop, optimizer/schedule, metrics."""

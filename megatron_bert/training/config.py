@@ -1,0 +1,278 @@
+"""Hydra configs: compose ``configs/`` with command-line overrides, check them against a typed schema.
+
+We use Hydra's compose API rather than ``@hydra.main``: ranks must not change directory or write
+their own output folders, and a bad value must cost one clear line before any process group exists.
+Rank 0 writes the resolved config to ``<run_dir>/.hydra/`` itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and how to fix it."""
+
+
+@dataclass
+class ModelSchema:
+    name: str = "tiny"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_std: float = 0.02
+    activation: str = "gelu"
+
+
+@dataclass
+class ParallelSchema:
+    tensor: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    dropout_impl: str = "keyed"
+
+
+@dataclass
+class DataSchema:
+    name: str = "quickstart"
+    prefix: Optional[str] = None
+    tokenizer: Optional[str] = None
+    cache_dir: Optional[str] = None
+    seq_length: int = 128
+    valid_fraction: float = 0.02
+    binary_head: str = "sop"
+    masked_lm_prob: float = 0.15
+    whole_word_masking: bool = False
+    short_seq_prob: float = 0.1
+    num_workers: int = 0
+
+
+@dataclass
+class TaskSchema:
+    name: str = "pretrain"
+    pretrained: Optional[str] = None
+    # fine-tuning (ignored by pretraining)
+    dataset: Optional[str] = None  # e.g. mnli, sst2, generic (glue); conll (ner); squad version auto
+    data_dir: Optional[str] = None
+    train_file: Optional[str] = None
+    valid_file: Optional[str] = None
+    test_file: Optional[str] = None
+    labels: Optional[list] = None
+    max_seq_length: Optional[int] = None  # null = data.seq_length
+    epochs: Optional[float] = None  # alternative to train.max_steps
+    mode: str = "train"  # train | evaluate | predict
+    predictions_file: Optional[str] = None
+    doc_stride: int = 128
+    max_query_length: int = 64
+    n_best_size: int = 20
+    max_answer_length: int = 30
+    null_score_diff_threshold: float = 0.0
+    num_choices: int = 4
+
+
+@dataclass
+class OptimSchema:
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_schedule: str = "linear"
+    warmup_fraction: float = 0.01
+    warmup_steps: Optional[int] = None
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainSchema:
+    max_steps: int = 1000
+    max_time: Optional[Any] = None
+    micro_batch_size: int = 8
+    global_batch_size: int = 32
+    lr: float = 1e-4
+    seed: int = 1234
+    precision: str = "fp32"
+    device: str = "auto"
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    dist_timeout: float = 600.0
+    max_bad_steps: int = 5
+    compile: bool = False
+
+
+@dataclass
+class CheckpointSchema:
+    dir: Optional[str] = None
+    save_interval: int = 500
+    resume: str = "auto"
+    keep: int = 3
+    async_save: bool = False
+
+
+@dataclass
+class Schema:
+    model: ModelSchema = field(default_factory=ModelSchema)
+    parallel: ParallelSchema = field(default_factory=ParallelSchema)
+    data: DataSchema = field(default_factory=DataSchema)
+    task: TaskSchema = field(default_factory=TaskSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    train: TrainSchema = field(default_factory=TrainSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    run_dir: str = MISSING
+
+
+def config_dir() -> Path:
+    """``$MEGATRON_BERT_CONFIGS`` or the repository's ``configs/``."""
+    env = os.environ.get("MEGATRON_BERT_CONFIGS")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    if not (path / "config.yaml").exists():
+        raise ConfigError(f"config directory {path} has no config.yaml: set MEGATRON_BERT_CONFIGS to the repo's configs/")
+    return path
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    msg = lines[0]
+    for ln in lines[1:]:
+        if ln.startswith("full_key:") and ln.split(":", 1)[1].strip():
+            msg += f" ({ln})"
+    return msg
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """configs/ + overrides → a validated, typed DictConfig (interpolations resolved)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+    except Exception as e:  # hydra's parse / composition errors
+        msg = _first_line(e)
+        text = str(e)
+        if "Available options in" in text:  # unknown group option, e.g. model=huge
+            group = text.split("Available options in '", 1)[1].split("'", 1)[0]
+            options = []
+            for ln in text.split("Available options in", 1)[1].splitlines()[1:]:
+                if not ln.startswith(("\t", "  ")) or not ln.strip():
+                    break
+                options.append(ln.strip())
+            msg = f"{msg} — {group}= must be one of: {', '.join(options)}"
+        elif "To append to your config use +" in text or "not in struct" in text:
+            msg += " — check the key's spelling (see configs/ for the known keys)"
+        raise ConfigError(msg) from None
+    finally:
+        GlobalHydra.instance().clear()
+    try:
+        schema = OmegaConf.structured(Schema)
+        cfg = OmegaConf.merge(schema, raw)
+        OmegaConf.resolve(cfg)
+    except Exception as e:  # omegaconf validation: unknown key, wrong type
+        raise ConfigError(_first_line(e)) from None
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def parse_time(value) -> float | None:
+    """Seconds from a number or "HH:MM:SS" / "MM:SS"."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    parts = str(value).split(":")
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"train.max_time={value!r} is not seconds or HH:MM:SS") from None
+    secs = 0.0
+    for n in nums:
+        secs = secs * 60 + n
+    return secs
+
+
+_CHOICES = {
+    "parallel.recompute": ("none", "selective", "full"),
+    "parallel.dropout_impl": ("keyed", "native"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "optim.lr_schedule": ("linear", "cosine", "constant"),
+    "data.binary_head": ("sop", "nsp", "none"),
+    "task.mode": ("train", "evaluate", "predict"),
+}
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Checks that need no process group: run on every rank before any distributed work."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    t, tr = cfg.parallel.tensor, cfg.train
+    if t < 1:
+        raise ConfigError(f"parallel.tensor={t} must be >= 1")
+    if world_size % t:
+        raise ConfigError(f"parallel.tensor={t} does not divide the world size {world_size}: "
+                          f"run with a multiple of {t} processes (torchrun --nproc_per_node) or change parallel.tensor")
+    dp = world_size // t
+    if tr.micro_batch_size < 1 or tr.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if tr.global_batch_size % (tr.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={tr.global_batch_size} is not divisible by train.micro_batch_size "
+            f"({tr.micro_batch_size}) x data-parallel size ({dp}): choose a multiple of {tr.micro_batch_size * dp}")
+    if not tr.lr > 0:
+        raise ConfigError(f"train.lr={tr.lr} must be > 0")
+    if tr.max_steps < 0:
+        raise ConfigError(f"train.max_steps={tr.max_steps} must be >= 0")
+    for key in ("log_interval", "eval_interval"):
+        if tr[key] < 1:
+            raise ConfigError(f"train.{key}={tr[key]} must be >= 1")
+    if cfg.optim.min_lr < 0 or cfg.optim.min_lr > tr.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} must be in [0, train.lr]")
+    if not 0 <= cfg.optim.warmup_fraction <= 1:
+        raise ConfigError(f"optim.warmup_fraction={cfg.optim.warmup_fraction} must be in [0, 1]")
+    parse_time(tr.max_time)
+    if cfg.parallel.sequence_parallel and cfg.data.seq_length % t:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tensor={t} "
+                          "with parallel.sequence_parallel=true")
+    if cfg.checkpoint.keep < 0 or cfg.checkpoint.save_interval < 0:
+        raise ConfigError("checkpoint.keep and checkpoint.save_interval must be >= 0")
+    from ..config import NAMED_SIZES, ModelConfigError
+
+    try:
+        model_config(cfg, vocab_size=cfg.model.vocab_size or 128).validate(t)
+    except ModelConfigError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.model.name not in NAMED_SIZES and cfg.model.name != "custom":
+        raise ConfigError(f"model={cfg.model.name} is unknown: use one of {', '.join(NAMED_SIZES)}")
+
+
+def model_config(cfg: DictConfig, vocab_size: int):
+    from ..config import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    d = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k in fields}
+    d["vocab_size"] = cfg.model.vocab_size or vocab_size
+    return ModelConfig(**d)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

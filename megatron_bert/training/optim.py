@@ -1,0 +1,88 @@
+"""AdamW with weight-decay groups, the LR schedule, and fp16 dynamic loss scaling."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No decay on biases and LayerNorm weights (every 1-D parameter), decay on the rest."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _apex_fused_adam():
+    try:
+        from apex.optimizers import FusedAdam  # NVIDIA apex, optional (built from source)
+    except Exception:
+        return None
+    return FusedAdam
+
+
+def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device: torch.device):
+    groups = param_groups(model, weight_decay)
+    if device.type == "cuda":
+        fused = _apex_fused_adam()
+        if fused is not None:
+            return fused(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+class LRSchedule:
+    """Linear warmup to ``lr``, then linear / cosine decay to ``min_lr`` at ``total_steps`` (or constant)."""
+
+    def __init__(self, lr: float, total_steps: int, warmup_steps: int, style: str = "linear", min_lr: float = 0.0):
+        self.lr, self.total, self.warmup, self.style, self.min_lr = lr, max(total_steps, 1), warmup_steps, style, min_lr
+
+    def __call__(self, step: int) -> float:
+        """LR used for optimizer step number ``step`` (0-based)."""
+        if self.warmup > 0 and step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        if self.style == "constant":
+            return self.lr
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.style == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:
+            factor = 1.0 - progress
+        return self.min_lr + (self.lr - self.min_lr) * factor
+
+    def apply(self, optimizer, step: int) -> float:
+        lr = self(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+
+class LossScaler:
+    """fp16 dynamic loss scaling: halve on overflow (step skipped), double after ``growth_interval``
+    clean steps. Overflow is judged from the global grad norm, which is the same on every rank."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 1000,
+                 min_scale: float = 1.0, max_scale: float = 2.0**24):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval, self.min_scale, self.max_scale = growth_interval, min_scale, max_scale
+        self.good_steps = 0
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale = max(self.min_scale, self.scale / 2)
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.growth_interval == 0:
+                self.scale = min(self.max_scale, self.scale * 2)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.scale, self.good_steps = float(d["scale"]), int(d["good_steps"])
