@@ -4,8 +4,8 @@ Pipeline, matching what the reference BERT tokenizer does (and what `tokenizers`
 BertPreTokenizer + WordPiece do):
 
 1. special tokens ([CLS], [SEP], [MASK], [PAD], [UNK]) written literally in the raw text are kept whole;
-2. "clean": control/format/private-use/unassigned chars, NUL and U+FFFD are deleted (they do NOT split
-   a word), every whitespace char becomes a separator;
+2. "clean": control/format/private-use chars, NUL and U+FFFD are deleted (they do NOT split a word),
+   every whitespace char becomes a separator;
 3. CJK ideographs become single-char words;
 4. uncased: accents are stripped (NFD, drop Mn marks) then lower-cased, char by char;
 5. split on whitespace and punctuation (every punctuation char is its own word);
@@ -16,9 +16,17 @@ All normalisation is per character, so a word's pieces only depend on the word i
 the *original* text with one regex, normalise each raw word separately and cache the result keyed by
 the raw word. Offsets are therefore spans of the original text for free (each normalised char remembers
 the original char it came from), including lower-cased / accent-stripped text.
+
+Where the two reference implementations disagree we follow the Rust one (`tokenizers`, what
+transformers' BertTokenizer/BertTokenizerFast use): the old pure-Python tokenizer additionally
+NFC-composes the text (so cased "e"+U+0301 becomes "é"), lower-cases a word-final Σ to ς, deletes
+unassigned code points and splits CJK from U+2B820 on. Known remaining difference: characters added to
+Unicode after the reference's (older) tables -- rare scripts, a few new punctuation marks -- are classified
+with Python's newer Unicode data here.
 """
 from __future__ import annotations
 
+import re
 import unicodedata
 
 import numpy as np
@@ -31,13 +39,18 @@ SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]")
 _WS = r"\t\n\r\p{Zs}\u2028\u2029"
 # ASCII symbols count as punctuation for BERT even when Unicode calls them symbols ($, +, <, ^, ...).
 _PUNCT = r"\p{P}!-/:-@\[-`{-~"
-# CJK ideograph blocks that BERT splits into single characters (not kana / hangul).
+# CJK ideograph blocks that BERT splits into single characters (not kana / hangul). The reference
+# (Rust) starts the Extension E range at U+2B920, not U+2B820 (the old Python tokenizer uses U+2B820);
+# we follow it so that ids and offsets match transformers' BertTokenizer exactly.
 _CJK = (r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002b73f"
-        r"\U0002b740-\U0002b81f\U0002b820-\U0002ceaf\U0002f800-\U0002fa1f")
+        r"\U0002b740-\U0002b81f\U0002b920-\U0002ceaf\U0002f800-\U0002fa1f")
 _IS_SPLIT = regex.compile(f"[{_WS}{_PUNCT}{_CJK}]")
-# Characters that the cleaning step deletes. \p{C} = Cc, Cf, Cs, Co, Cn; tab/newline/CR are whitespace.
-_REMOVED = regex.compile(r"[\p{C}\ufffd--[\t\n\r]]", flags=regex.V1)
+# Characters that the cleaning step deletes: control, format, private-use and surrogate chars plus U+FFFD
+# (tab/newline/CR are whitespace). Unassigned code points (Cn) are kept, as the reference does.
+_REMOVED = regex.compile(r"[[\p{Cc}\p{Cf}\p{Co}\p{Cs}\ufffd]--[\t\n\r]]", flags=regex.V1)
 _MAX_CACHE = 1 << 19
+_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 def _pretokenizer(specials):
@@ -47,20 +60,24 @@ def _pretokenizer(specials):
     return regex.compile("|".join(alts))
 
 
+def _ascii_pretokenizer(specials):
+    """The same split for pure-ASCII text with the stdlib `re`, about twice as fast as the Unicode one.
+    ASCII whitespace that splits is tab, LF, CR and space (VT and FF are control chars: deleted)."""
+    punct = r"!-/:-@\[-`{-~"
+    alts = [re.escape(s) for s in sorted(specials, key=len, reverse=True)]
+    alts += [f"[^\t\n\r {punct}]+", f"[{punct}]"]
+    return re.compile("|".join(alts))
+
+
 class WordPieceTokenizer:
     """BERT WordPiece over a `vocab.txt` (one token per line, id = line number)."""
 
     def __init__(self, vocab_file, lower_case=None, strip_accents=None, max_chars_per_word=100):
-        with open(vocab_file, encoding="utf-8") as f:
-            tokens = [line.rstrip("\n") for line in f]
-        # Strip a trailing "\r" of CRLF files but keep a token that *is* whitespace-looking.
-        tokens = [t[:-1] if t.endswith("\r") and len(t) > 1 else t for t in tokens]
-        if tokens and tokens[-1] == "":
-            tokens.pop()
+        with open(vocab_file, encoding="utf-8", newline="") as f:
+            # id = line number; a CRLF file's "\r" is not part of the token.
+            tokens = [line.rstrip("\n").removesuffix("\r") for line in f]
         self.vocab_file = str(vocab_file)
-        self.vocab = {}
-        for i, t in enumerate(tokens):
-            self.vocab.setdefault(t, i)          # first occurrence wins, like the reference
+        self.vocab = {t: i for i, t in enumerate(tokens)}  # a duplicated token keeps its last id, as the reference
         self.inv_vocab = tokens
         missing = [s for s in SPECIAL_TOKENS if s not in self.vocab]
         if missing:
@@ -74,6 +91,7 @@ class WordPieceTokenizer:
             self.vocab[s] for s in SPECIAL_TOKENS)
         self._specials = {s: self.vocab[s] for s in SPECIAL_TOKENS}
         self._pre = _pretokenizer(SPECIAL_TOKENS)
+        self._pre_ascii = _ascii_pretokenizer(SPECIAL_TOKENS)
         self._cache = {}
         self._word_start = None
 
@@ -90,17 +108,25 @@ class WordPieceTokenizer:
 
     def encode(self, text):
         ids = []
-        for word in self._pre.findall(text):
-            ids.extend(self._word(word)[0])
+        get, miss = self._cache.get, self._word
+        pre = self._pre_ascii if text.isascii() else self._pre
+        for word in pre.findall(text):
+            ids.extend((get(word) or miss(word))[0])
         return ids
 
     def encode_with_offsets(self, text):
         ids, offsets = [], []
-        for m in self._pre.finditer(text):
-            wids, spans = self._word(m.group())
+        get, miss = self._cache.get, self._word
+        pre = self._pre_ascii if text.isascii() else self._pre
+        for m in pre.finditer(text):
+            word = m.group()
+            wids, spans = get(word) or miss(word)
             ids.extend(wids)
             base = m.start()
-            offsets.extend((base + s, base + e) for s, e in spans)
+            if len(spans) == 1:
+                offsets.append((base + spans[0][0], base + spans[0][1]))
+            else:
+                offsets.extend([(base + s, base + e) for s, e in spans])
         return ids, offsets
 
     def tokenize(self, text):
@@ -113,11 +139,21 @@ class WordPieceTokenizer:
     def convert_tokens_to_ids(self, tokens):
         return [self.vocab.get(t, self.unk_id) for t in tokens]
 
-    def decode(self, ids, skip_special_tokens=False):
+    def decode(self, ids, skip_special_tokens=False, clean_up_spaces=True):
+        """Join pieces ('##' glues to the previous one). clean_up_spaces removes the space before
+        . , ! ? and in contractions, token by token, like the reference decoder does."""
         toks = self.convert_ids_to_tokens(ids)
         if skip_special_tokens:
             toks = [t for t in toks if t not in self._specials]
-        return " ".join(toks).replace(" ##", "").strip()
+        out = []
+        for i, t in enumerate(toks):
+            if i:
+                t = t[2:] if t.startswith("##") else " " + t
+            if clean_up_spaces:
+                for a, b in _CLEANUP:
+                    t = t.replace(a, b)
+            out.append(t)
+        return "".join(out)
 
     # ----------------------------------------------------------------- internals
     def _word(self, raw):
