@@ -108,6 +108,7 @@ class ModelRuntime:
     dropout_impl: str = "keyed"  # keyed: TP/DP-invariant masks; native: torch RNG + fused SDPA dropout
     seed: int = 1234  # for initialisation and keyed dropout
     validate_inputs: bool = True  # range-check ids (a host sync; the trainer checks on the host instead)
+    fuse_elementwise: bool = False  # torch.compile the bias+GeLU and bias+dropout+residual epilogues (GPU)
 
     def __post_init__(self):
         if self.recompute not in ("none", "selective", "full"):

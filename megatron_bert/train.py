@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from parallel import ParallelState
 
-        from .training.config import compose, validate
+        from .training.config import ConfigError, compose, validate
         from .training.trainer import Trainer, TrainingStopped
 
         cfg = compose(argv)
@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         ps = ParallelState.from_env(cfg.parallel.tensor, cfg.train.device, cfg.train.dist_timeout)
         trainer = Trainer(cfg, ps, None, argv)
         trainer.task = build_task(cfg, ps, trainer.log)
+        if cfg.task.mode != "train" and not hasattr(trainer.task, "run_mode"):
+            raise ConfigError(f"task.mode={cfg.task.mode} is for fine-tuning tasks (task=glue|ner|squad|race)")
         trainer.setup()
+        if cfg.task.mode != "train":  # evaluate / predict with the loaded weights, no training
+            return trainer.task.run_mode(trainer)
         return trainer.run()
     except _known_errors() as e:
         if debug:

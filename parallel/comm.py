@@ -25,6 +25,8 @@ def all_reduce(x: torch.Tensor, group, async_op: bool = False):
     """Sum in place over the group. Returns the work handle when async_op."""
     if group_size(group) == 1:
         return None
+    if not x.is_contiguous():
+        raise ValueError("all_reduce works in place on a contiguous tensor (nccl requires it)")
     return dist.all_reduce(x, group=group, async_op=async_op)
 
 

@@ -77,14 +77,12 @@ def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type
         if ps.tp_size > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.tp_group)
         return local
-    sharded = [p.grad.detach() for p in params if is_tp_sharded(p)]
-    replicated = [p.grad.detach() for p in params if not is_tp_sharded(p)]
+    counted = [p.grad.detach() for p in params if is_tp_sharded(p) or ps.tp_rank == 0]
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for g in sharded:
-        total += g.float().norm(norm_type) ** norm_type
-    if ps.tp_rank == 0:
-        for g in replicated:
-            total += g.float().norm(norm_type) ** norm_type
+    if counted:
+        # One fused multi-tensor kernel instead of a Python loop of per-parameter norms.
+        norms = torch._foreach_norm(counted, norm_type, dtype=torch.float32)
+        total = torch.stack(norms).pow(norm_type).sum()
     comm.all_reduce(total, ps.tp_group)
     return total ** (1.0 / norm_type)
 

@@ -15,7 +15,14 @@ InitMethod = Callable[[torch.Tensor], None]
 
 def normal_init(std: float, generator: torch.Generator | None = None) -> InitMethod:
     def init(t: torch.Tensor) -> None:
-        torch.nn.init.normal_(t, mean=0.0, std=std, generator=generator)
+        if generator is not None and generator.device != t.device:
+            # draw on the generator's device so the numbers do not depend on where t lives
+            tmp = torch.empty(t.shape, dtype=t.dtype, device=generator.device)
+            torch.nn.init.normal_(tmp, mean=0.0, std=std, generator=generator)
+            with torch.no_grad():
+                t.copy_(tmp)
+        else:
+            torch.nn.init.normal_(t, mean=0.0, std=std, generator=generator)
 
     return init
 
@@ -65,8 +72,10 @@ def init_sharded(
     tp_size: int,
     stride: int = 1,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Initialise the global tensor on the host in fp32, return this rank's slice as ``dtype``."""
-    master = torch.empty(global_shape, dtype=torch.float32)
+    """Initialise the global tensor in fp32 (on ``device``: a GPU draws it in milliseconds), return
+    this rank's slice as ``dtype``."""
+    master = torch.empty(global_shape, dtype=torch.float32, device=device)
     init_method(master)
     return shard_of(master, partition_dim, tp_rank, tp_size, stride).to(dtype)

@@ -123,11 +123,12 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.gather_output, self.sequence_parallel = gather_output, sequence_parallel
         self.skip_bias_add = skip_bias_add
-        weight = init_sharded((output_size, input_size), init_method, 0, ps.tp_rank, ps.tp_size, stride, dtype)
+        weight = init_sharded((output_size, input_size), init_method, 0, ps.tp_rank, ps.tp_size, stride, dtype,
+                              ps.device)
         self.weight = nn.Parameter(weight.to(ps.device))
         set_tp_metadata(self.weight, 0, stride)
         if bias:
-            b = init_sharded((output_size,), zeros_init, 0, ps.tp_rank, ps.tp_size, stride, dtype)
+            b = init_sharded((output_size,), zeros_init, 0, ps.tp_rank, ps.tp_size, stride, dtype, ps.device)
             self.bias = nn.Parameter(b.to(ps.device))
             set_tp_metadata(self.bias, 0, stride)
         else:
@@ -172,7 +173,7 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         self.skip_bias_add = skip_bias_add
-        weight = init_sharded((output_size, input_size), init_method, 1, ps.tp_rank, ps.tp_size, 1, dtype)
+        weight = init_sharded((output_size, input_size), init_method, 1, ps.tp_rank, ps.tp_size, 1, dtype, ps.device)
         self.weight = nn.Parameter(weight.to(ps.device))
         set_tp_metadata(self.weight, 1)
         if bias:
@@ -223,7 +224,8 @@ class VocabParallelEmbedding(nn.Module):
         self.reduce_output = reduce_output
         per_rank = num_embeddings // ps.tp_size
         self.vocab_start, self.vocab_end = ps.tp_rank * per_rank, (ps.tp_rank + 1) * per_rank
-        weight = init_sharded((num_embeddings, embedding_dim), init_method, 0, ps.tp_rank, ps.tp_size, 1, dtype)
+        weight = init_sharded((num_embeddings, embedding_dim), init_method, 0, ps.tp_rank, ps.tp_size, 1, dtype,
+                              ps.device)
         self.weight = nn.Parameter(weight.to(ps.device))
         set_tp_metadata(self.weight, 0)
 

@@ -25,7 +25,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # nccl needs dense memory
         comm.all_reduce(grad, ctx.group)
         return grad, None
 
@@ -35,7 +35,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # nccl needs dense memory
         comm.all_reduce(x, group)
         return x
 

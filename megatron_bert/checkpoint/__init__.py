@@ -1,4 +1,8 @@
-"""Sharded, reshardable, atomic checkpoints (torch.distributed.checkpoint underneath)."""
+"""Sharded, reshardable, atomic checkpoints (torch.distributed.checkpoint underneath).
+
+``python -m megatron_bert.checkpoint {inspect,consolidate} PATH [OUT]`` inspects / consolidates one.
+"""
+from .async_save import AsyncCheckpointSaver
 from .manager import (
     latest_checkpoint,
     list_checkpoints,
@@ -13,5 +17,5 @@ from .sharded import CheckpointError
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-    "resolve_checkpoint", "read_meta", "read_model_state", "write_model_checkpoint",
+    "resolve_checkpoint", "read_meta", "read_model_state", "write_model_checkpoint", "AsyncCheckpointSaver",
 ]

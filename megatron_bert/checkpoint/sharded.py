@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import threading
 import warnings
 
 import torch
@@ -29,28 +30,72 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- safe metadata
-_SAFE_MODULES = (
+# DCP pickles its ``.metadata``. We unpickle it through an exact allow-list so that a crafted file
+# cannot run code: only the dataclasses / enums DCP itself defines for metadata, ``torch.Size``,
+# dtypes / layouts / memory formats and a few builtins. Dotted names are refused outright: pickle
+# protocol 4 resolves ``module`` + ``"a.b.c"`` by attribute lookup, which would otherwise reach
+# e.g. ``os.system`` *through* an allowed module.
+_DCP_MODULES = (
     "torch.distributed.checkpoint.metadata",
     "torch.distributed.checkpoint.filesystem",
     "torch.distributed.checkpoint.planner",
 )
-_SAFE_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                 ("torch", "device"), ("builtins", "slice"), ("pathlib", "PosixPath"), ("pathlib", "Path"),
-                 ("torch.serialization", "_get_layout")}
+_SAFE_GLOBALS = {("torch", "Size"), ("torch", "device"), ("collections", "OrderedDict"), ("builtins", "set"),
+                 ("builtins", "frozenset"), ("builtins", "slice"), ("pathlib", "PosixPath"), ("pathlib", "Path"),
+                 ("pathlib", "PurePosixPath"), ("torch.serialization", "_get_layout")}
+
+
+def _allowed_global(module: str, name: str):
+    """The object ``module.name`` may resolve to in checkpoint metadata, or None if it is not allowed."""
+    import dataclasses
+    import enum
+    import importlib
+
+    if "." in name or not name.isidentifier():
+        return None
+    if (module, name) in _SAFE_GLOBALS:
+        return getattr(importlib.import_module(module), name)
+    if module in _DCP_MODULES:
+        obj = getattr(importlib.import_module(module), name, None)
+        if isinstance(obj, type) and obj.__module__ == module and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            return obj
+        return None
+    if module == "torch":
+        obj = getattr(torch, name, None)
+        if isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+            return obj
+    return None
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP writes its ``.metadata`` with pickle; we read it through an allow-list so a crafted file
-    cannot run code (tensor data itself is read by DCP with ``torch.load(weights_only=True)``)."""
+    """Unpickler for DCP ``.metadata`` that refuses every global outside the allow-list.
+
+    (Tensor data itself is read by DCP with ``torch.load(weights_only=True)``.)"""
 
     def find_class(self, module, name):
-        if module in _SAFE_MODULES or (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and (name.endswith("_format") or isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)  # dtypes, memory formats
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            raise pickle.UnpicklingError("tensor found in checkpoint metadata")
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        obj = _allowed_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        return obj
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("checkpoint metadata holds a persistent reference (e.g. a tensor)")
+
+
+def _check_metadata(metadata) -> None:
+    """Structure checks, so that a well-formed but wrong pickle fails here and not deep inside DCP."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise pickle.UnpicklingError(f"not DCP metadata (got {type(metadata).__name__})")
+    for info in (metadata.storage_data or {}).values():
+        if not isinstance(info, _StorageInfo):
+            raise pickle.UnpicklingError("unexpected storage entry")
+        rel = str(info.relative_path)
+        if not rel or "/" in rel or "\\" in rel or rel in (".", ".."):
+            raise pickle.UnpicklingError(f"storage file name {rel!r} points outside the checkpoint directory")
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -60,10 +105,14 @@ class SafeFileSystemReader(FileSystemReader):
         try:
             with self.fs.create_stream(path, "rb") as f:
                 metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+            _check_metadata(metadata)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path} has no DCP metadata file: it is not a complete checkpoint") from None
-        except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as e:
+        except (pickle.UnpicklingError, EOFError) as e:
             raise CheckpointError(f"checkpoint metadata in {self.path} is corrupt or unsafe ({e})") from None
+        except Exception as e:  # random bytes make pickle fail in many ways
+            raise CheckpointError(f"checkpoint metadata in {self.path} is corrupt "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(metadata, "storage_meta", None) is None:
@@ -74,6 +123,34 @@ class SafeFileSystemReader(FileSystemReader):
 
 def read_metadata(path) -> "dcp.Metadata":
     return SafeFileSystemReader(str(path)).read_metadata()
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def describe_dcp_error(e: BaseException) -> str:
+    """One short line for a DCP failure (``CheckpointException`` is a BaseException holding per-rank errors)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, pair = next(iter(sorted(failures.items(), key=lambda kv: kv[0])))
+        exc = pair[0] if isinstance(pair, tuple) else pair
+        if isinstance(exc, CheckpointError):
+            return _first_line(exc, 300)
+        return f"rank {rank}: {_exc_text(exc)}"
+    return _exc_text(e)
+
+
+def _exc_text(e: BaseException) -> str:
+    name, text = type(e).__name__, _first_line(e)
+    return name if text == name else f"{name}: {text}"
+
+
+def _is_dcp_failure(e: BaseException) -> bool:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return isinstance(e, (Exception, CheckpointException)) and not isinstance(e, CheckpointError)
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -97,43 +174,131 @@ def _local(t) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def build_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ps: ParallelState) -> dict:
-    """DCP state dict viewing the live parameters / optimizer moments (no copies on save)."""
-    sd = {}
+def _weights_of(optimizer) -> dict:
+    """Model parameter -> the fp32 master the optimizer updates (mixed precision), if it has masters."""
+    return getattr(optimizer, "master_of", None) or {}
+
+
+def _adam_state(optimizer, w: torch.Tensor, group: dict, after_load: list) -> dict:
+    """This parameter's AdamW state as {"step", "exp_avg", "exp_avg_sq"} tensors, created (zeros, the
+    layout torch itself would use) when no step was taken yet so the checkpoint layout is complete."""
+    st = optimizer.state.get(w)
+    if not st:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        st = optimizer.state[w] = {
+            "step": torch.zeros((), dtype=torch.float32, device=w.device if on_device else "cpu"),
+            "exp_avg": torch.zeros_like(w, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(w, memory_format=torch.preserve_format)}
+    if "step" in st:
+        return st
+    # apex FusedAdam counts steps per param group: save that count, restore it after a load
+    step = torch.tensor(float(group.get("step", 0)))
+    after_load.append(lambda: group.__setitem__("step", int(step.item())))
+    return {**st, "step": step}
+
+
+def _build(model, optimizer, ps: ParallelState, with_optimizer: bool = True) -> tuple[dict, list]:
+    masters = _weights_of(optimizer)
+    groups = {id(q): g for g in (optimizer.param_groups if optimizer is not None else ()) for q in g["params"]}
+    sd, after_load = {}, []
     for name, p in model.named_parameters():
-        sd[f"model.{name}"] = _present(p.detach(), p, ps)
-        if optimizer is not None:
-            st = optimizer.state.get(p)
-            if not st:  # no step taken yet: create the moments so the layout is complete
-                st = optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                           "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        w = masters.get(p, p)  # mixed precision: the fp32 master is the weight that is saved / loaded
+        sd[f"model.{name}"] = _present(w.detach(), p, ps)
+        if with_optimizer and id(w) in groups:
+            st = _adam_state(optimizer, w, groups[id(w)], after_load)
             for key in ("exp_avg", "exp_avg_sq"):
                 sd[f"optim.{name}.{key}"] = _present(st[key], p, ps)
             sd[f"optim.{name}.step"] = st["step"]
-    return sd
+    if masters:  # after a load: the low-precision model parameters follow their masters
+        after_load.append(lambda: _copy_masters_to_model(masters))
+    return sd, after_load
+
+
+def _copy_masters_to_model(masters: dict) -> None:
+    with torch.no_grad():
+        for p, m in masters.items():
+            p.copy_(m)
+
+
+def build_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, ps: ParallelState) -> dict:
+    """DCP state dict viewing the live parameters / optimizer moments (no copies on save).
+
+    ``optimizer`` may be a torch AdamW (moments keyed by the parameters), apex FusedAdam (step count
+    per group), or a mixed-precision wrapper exposing ``master_of`` {model param: fp32 master} and
+    ``state`` / ``param_groups`` over the masters: then the fp32 masters are what is saved as the
+    model weights, so a checkpoint is fp32 whatever the training precision."""
+    return _build(model, optimizer, ps)[0]
+
+
+# DCP warns that it "assumes the intent is to save in a single process" whenever torch.distributed is
+# off; single-process saves / loads are intended here. Filtered once, process-wide (a per-call
+# ``catch_warnings`` would swap global state under the async writer thread).
+_SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled, unavailable or uninitialized.*"
+warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
 
 
 @contextlib.contextmanager
 def _quiet():
-    """DCP warns that it assumes a single process when torch.distributed is off: that is intended."""
+    """The same filter, per call, for callers that reset warning filters (e.g. pytest); main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
         yield
 
 
 def save_state(path, model, optimizer, ps: ParallelState) -> None:
     """Every rank writes its shards of the model (and optimizer) into directory ``path``."""
-    sd = build_state_dict(model, optimizer, ps)
-    with _quiet():
-        dcp.save(sd, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    write_state(build_state_dict(model, optimizer, ps), path, ps)
 
 
-def load_state(path, model, optimizer, ps: ParallelState, strict: bool = True) -> None:
-    """Load into the live model / optimizer at the *current* TP/DP layout."""
+def write_state(sd: dict, path, ps: ParallelState, process_group=None) -> None:
+    """Collective: write a state dict (live or staged) with DCP. ``process_group`` defaults to the world."""
+    try:
+        with _quiet():
+            dcp.save(sd, checkpoint_id=str(path), process_group=process_group, no_dist=not dist.is_initialized())
+    except BaseException as e:
+        if not _is_dcp_failure(e):
+            raise
+        raise CheckpointError(f"could not write checkpoint {path}: {describe_dcp_error(e)}") from None
+
+
+def stage_state_dict(sd: dict, pin_memory: bool = False) -> dict:
+    """A CPU copy of a DCP state dict (the synchronous part of an async save).
+
+    DTensors keep their spec (mesh + placements + global shape) around a CPU copy of the local
+    shard, the same thing DCP's own staging does, so the copy is written exactly like the original.
+    With ``pin_memory`` (GPU runs) the copies go to pinned buffers with non-blocking transfers and
+    one synchronize at the end.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin_memory and t.numel() > 0)
+        out.copy_(t.detach(), non_blocking=pin_memory)
+        return out
+
+    staged = {}
+    for k, v in sd.items():
+        if isinstance(v, DTensor):
+            staged[k] = DTensor(copy(v.to_local()), v._spec, requires_grad=False)
+        elif isinstance(v, torch.Tensor):
+            staged[k] = copy(v)
+        else:
+            staged[k] = v
+    if pin_memory and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return staged
+
+
+def load_state(path, model, optimizer, ps: ParallelState, strict: bool = True, load_optimizer: bool = True) -> None:
+    """Load into the live model / optimizer at the *current* TP/DP layout.
+
+    ``load_optimizer=False`` loads the weights only (into the fp32 masters too, when the optimizer has them)."""
     meta = read_metadata(path)
     saved = meta.state_dict_metadata
-    sd = build_state_dict(model, optimizer, ps)
+    sd, after_load = _build(model, optimizer, ps, with_optimizer=load_optimizer)
     if not strict:
         sd = {k: v for k, v in sd.items() if k in saved}
     missing = [k for k in sd if k not in saved]
@@ -143,7 +308,7 @@ def load_state(path, model, optimizer, ps: ParallelState, strict: bool = True) -
             "it was written for a different model or task")
     for k, v in sd.items():
         want = tuple(v.shape)
-        got = tuple(saved[k].size)
+        got = tuple(getattr(saved[k], "size", ()))
         if want != got:
             raise CheckpointError(
                 f"checkpoint {path} holds {k} with shape {got} but the model needs {want}: "
@@ -151,35 +316,45 @@ def load_state(path, model, optimizer, ps: ParallelState, strict: bool = True) -
     try:
         with _quiet():
             dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), no_dist=not dist.is_initialized())
-    except CheckpointError:
-        raise
-    except Exception as e:  # truncated / corrupt shard files surface here
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"could not read checkpoint {path}: {msg[:300]} (a shard file is missing or corrupt)") from None
-    # DCP loads in place for plain tensors and DTensor locals alike; copy to be explicit about it.
+    except BaseException as e:  # truncated / corrupt shard files surface here (as DCP's CheckpointException)
+        if not _is_dcp_failure(e):
+            raise
+        raise CheckpointError(f"could not read checkpoint {path}: {describe_dcp_error(e)} "
+                              "(a shard file is truncated, corrupt or missing: resume from another checkpoint)") from None
+    # DCP loads in place (plain tensors and DTensor locals alike); copy where it could not.
+    masters = _weights_of(optimizer)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in sd.items():
             if k.startswith("model."):
                 p = params[k[len("model."):]]
-                if _local(v).data_ptr() != p.data_ptr():
-                    p.copy_(_local(v))
+                w = masters.get(p, p)
+                if _local(v).data_ptr() != w.data_ptr():
+                    w.copy_(_local(v))
+    for fn in after_load:
+        fn()
 
 
-def read_full_state(path) -> dict[str, torch.Tensor]:
-    """Single process: every tensor of a checkpoint as a full (unsharded) CPU tensor."""
-    meta = read_metadata(path)
+def tensor_index(path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int]]:
+    """From the metadata only (no tensor reads): DCP key -> (global shape, dtype, number of chunks)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    sd = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-          for k, m in meta.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    return {k: (tuple(m.size), m.properties.dtype, len(m.chunks))
+            for k, m in read_metadata(path).state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+
+
+def read_full_state(path, keys=None) -> dict[str, torch.Tensor]:
+    """Single process: tensors of a checkpoint (all, or those in ``keys``) as full CPU tensors."""
+    sd = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype, _) in tensor_index(path).items()
+          if keys is None or k in keys}
     try:
         with _quiet():
             dcp.load(sd, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"could not read checkpoint {path}: {type(e).__name__} (a shard file is missing or corrupt)") from None
+    except BaseException as e:
+        if not _is_dcp_failure(e):
+            raise
+        raise CheckpointError(f"could not read checkpoint {path}: {describe_dcp_error(e)} "
+                              "(a shard file is truncated, corrupt or missing)") from None
     return sd
 
 

@@ -31,8 +31,9 @@ class Initializers:
     out_init: InitMethod  # N(0, std / sqrt(2 L)) for the projections that feed the residual
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, seed: int) -> "Initializers":
-        gen = torch.Generator().manual_seed(seed)
+    def for_model(cls, cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> "Initializers":
+        # The generator lives on the model's device: same numbers on every rank of that device type.
+        gen = torch.Generator(device=device).manual_seed(seed)
         return cls(gen, normal_init(cfg.init_std, gen), normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers), gen))
 
 
@@ -73,6 +74,11 @@ class Embeddings(nn.Module):
         positions = torch.arange(off, off + s_local, device=input_ids.device)
         types = token_type_ids[:, off:off + s_local].transpose(0, 1)
         x = word + self.position_embeddings(positions).unsqueeze(1) + self.token_type_embeddings(types)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # Keep the residual stream in the low-precision dtype (as Megatron does): half the
+            # activation memory of an fp32 stream; master weights stay fp32.
+            x = x.to(torch.get_autocast_dtype(dev))
         return dctx.hidden(x, self.cfg.hidden_dropout, SITE_EMBEDDINGS)
 
 
@@ -107,7 +113,7 @@ class MegatronBertModel(nn.Module):
         if rt.sequence_parallel and ps.tp_size == 1:
             rt = ModelRuntime(**{**rt.__dict__, "sequence_parallel": False})
         self.cfg, self.rt, self.ps = cfg, rt, ps
-        inits = inits or Initializers.for_model(cfg, rt.seed)
+        inits = inits or Initializers.for_model(cfg, rt.seed, ps.device)
         if tracker is None and rt.dropout_impl == "native":
             tracker = seed_everything(rt.seed, ps.tp_rank, ps.device)
         self.tracker = tracker
@@ -146,8 +152,11 @@ class MegatronBertModel(nn.Module):
             sample_ids = torch.arange(start, start + batch, device=device)
             self._calls += 1
         offset = self.ps.tp_rank * (seq_len // self.ps.tp_size) if self.rt.sequence_parallel else 0
+        # With one TP rank there is no model-parallel region: native dropout can use the default
+        # stream directly (which also keeps RNG-state swaps out of compiled / captured code).
+        tracker = self.tracker if self.ps.tp_size > 1 else None
         return DropoutContext(self.training, self.rt.dropout_impl, self.rt.seed,
-                              None if sample_ids is None else sample_ids.to(device), seq_len, offset, self.tracker)
+                              None if sample_ids is None else sample_ids.to(device), seq_len, offset, tracker)
 
     # ------------------------------------------------------------------ forward
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, sample_ids=None,

@@ -7,6 +7,7 @@ sequence-parallel sharding and recompute all give the same masks. ``native`` use
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ class DropoutContext:
         if not self.active(p):
             return probs
         if self.impl == "native":
-            with self.tracker.fork():
+            with self.tracker.fork() if self.tracker is not None else contextlib.nullcontext():
                 return F.dropout(probs, p, True)
         _, nh, sq, sk = probs.shape
         keys = self._keys(site).view(-1, 1, 1, 1)

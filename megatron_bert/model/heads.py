@@ -59,20 +59,27 @@ class LMHead(nn.Module):
         return column_parallel_linear(x, word_embeddings, self.bias, self.ps.tp_group)
 
 
-def _mlm(lm_head: LMHead, bert: MegatronBertModel, hidden_sbh, labels, only_masked: bool):
-    """Logits (all positions, or only labelled ones) and the mean / summed MLM loss."""
+def _mlm(lm_head: LMHead, bert: MegatronBertModel, hidden_sbh, labels, only_masked: bool, lm_positions=None):
+    """Logits (all positions, or only labelled ones) and the mean / summed MLM loss.
+
+    ``lm_positions``: flat indices (into ``[b * s]``) of the labelled tokens, computed on the host by
+    the data loader so selecting them needs no device→host sync.
+    """
     hidden = hidden_sbh.transpose(0, 1)  # [b, s, h]
     word = bert.embeddings.word_embeddings.weight
     if labels is None:
         return lm_head(hidden, word), None, None, None
     if only_masked:
-        picked = labels != -100
-        logits = lm_head(hidden[picked], word)  # [n, V/tp]
-        token_loss = vocab_parallel_cross_entropy(logits, labels[picked], bert.ps.tp_group)
+        if lm_positions is None:
+            lm_positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, lm_positions)  # [n, h]
+        logits = lm_head(picked, word)  # [n, V/tp]
+        token_loss = vocab_parallel_cross_entropy(logits, labels.reshape(-1).index_select(0, lm_positions),
+                                                  bert.ps.tp_group)
     else:
         logits = lm_head(hidden, word)  # [b, s, V/tp]
         token_loss = vocab_parallel_cross_entropy(logits, labels, bert.ps.tp_group)
-    tokens = (labels != -100).sum()
+    tokens = (labels != -100).sum() if lm_positions is None else torch.tensor(lm_positions.numel(), device=labels.device)
     loss_sum = token_loss.sum()
     return logits, loss_sum / tokens.clamp(min=1), loss_sum, tokens
 
@@ -84,7 +91,7 @@ class _HeadModel(nn.Module):
         super().__init__()
         rt = rt or ModelRuntime()
         self.cfg, self.ps = cfg, ps
-        self.inits = Initializers.for_model(cfg, rt.seed)
+        self.inits = Initializers.for_model(cfg, rt.seed, ps.device)
         self.bert = MegatronBertModel(cfg, ps, rt, add_pooler=self.add_pooler, inits=self.inits, **kw)
         self.rt = self.bert.rt
 
@@ -101,9 +108,10 @@ class MegatronBertForPreTraining(_HeadModel):
         self.binary_head = replicated_linear(cfg.hidden_size, cfg.num_binary_labels, self.inits.init, ps.device)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                next_sentence_label=None, sample_ids=None, only_masked_logits: bool = False):
+                next_sentence_label=None, sample_ids=None, only_masked_logits: bool = False, lm_positions=None):
         hidden, _ = self.bert.encode(input_ids, attention_mask, token_type_ids, sample_ids)
-        logits, lm_loss, lm_sum, lm_tokens = _mlm(self.lm_head, self.bert, hidden, labels, only_masked_logits)
+        logits, lm_loss, lm_sum, lm_tokens = _mlm(self.lm_head, self.bert, hidden, labels, only_masked_logits,
+                                                  lm_positions)
         binary_logits = self.binary_head(self.bert.pooler(hidden.transpose(0, 1)))
         binary_loss = None if next_sentence_label is None else F.cross_entropy(binary_logits, next_sentence_label.view(-1))
         parts = [x for x in (lm_loss, binary_loss) if x is not None]

@@ -7,7 +7,9 @@ Activations are ``[s, b, h]``; under sequence parallelism ``[s/tp, b, h]`` outsi
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
+from .fused import BIAS_ACT, bias_dropout_add, compiled
 from .norm import make_layernorm
 
 _ACTIVATIONS = {
@@ -26,6 +29,30 @@ _ACTIVATIONS = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
+
+
+def _sdpa_backends():
+    """Optional pin of SDPA kernels for benchmarking, e.g. MEGATRON_BERT_SDPA=flash (default: torch picks)."""
+    name = os.environ.get("MEGATRON_BERT_SDPA", "").lower()
+    if not name:
+        return None
+    from torch.nn.attention import SDPBackend
+
+    table = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return [table[n] for n in name.split(",")]
+
+
+_SDPA_BACKENDS = _sdpa_backends()
+
+
+def _sdpa(q, k, v, mask, p=0.0):
+    if _SDPA_BACKENDS is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 def attention_core(q, k, v, mask, dctx: DropoutContext, p: float, site: int, head_offset: int, num_heads: int):
@@ -42,9 +69,15 @@ def attention_core(q, k, v, mask, dctx: DropoutContext, p: float, site: int, hea
         probs = dctx.attention_probs(probs, p, site, head_offset, num_heads)
         return torch.matmul(probs, v)
     if dctx.active(p):  # native: dropout inside the fused kernel, on this rank's own stream
-        with dctx.tracker.fork():
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        with dctx.tracker.fork() if dctx.tracker is not None else contextlib.nullcontext():
+            return _sdpa(q, k, v, mask, p)
+    return _sdpa(q, k, v, mask)
+
+
+def _site(dctx: DropoutContext, layer: int, which: int) -> int:
+    """Keyed dropout needs the layer's site id; native dropout does not, and not reading the layer
+    index there lets one torch.compile'd graph serve every layer (no per-layer guard)."""
+    return layer_site(layer, which) if dctx.impl == "keyed" else 0
 
 
 class SelfAttention(nn.Module):
@@ -59,14 +92,15 @@ class SelfAttention(nn.Module):
         self.query_key_value = ColumnParallelLinear(
             cfg.hidden_size, 3 * cfg.hidden_size, ps, init_method=init, sequence_parallel=rt.sequence_parallel)
         self.dense = RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel)
+            cfg.hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel,
+            skip_bias_add=rt.fuse_elementwise)  # the bias joins the fused dropout + residual epilogue
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
         mixed = self.query_key_value(x)  # [s, b, heads_local * 3 * hd]
         s, b, _ = mixed.shape
         q, k, v = mixed.view(s, b, self.heads_local, 3, self.cfg.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
         # q, k, v: [b, heads_local, s, hd]
-        args = (q, k, v, mask, dctx, self.cfg.attention_dropout, layer_site(self.layer, 0),
+        args = (q, k, v, mask, dctx, self.cfg.attention_dropout, _site(dctx, self.layer, 0),
                 self.ps.tp_rank * self.heads_local, self.cfg.num_attention_heads)
         if self.rt.recompute == "selective":
             ctx = checkpoint(attention_core, dctx.tracker, *args)
@@ -79,13 +113,20 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, init: InitMethod, out_init: InitMethod):
         super().__init__()
+        fuse = rt.fuse_elementwise
         self.dense_h_to_4h = ColumnParallelLinear(
-            cfg.hidden_size, cfg.ffn_hidden_size, ps, init_method=init, sequence_parallel=rt.sequence_parallel)
+            cfg.hidden_size, cfg.ffn_hidden_size, ps, init_method=init, sequence_parallel=rt.sequence_parallel,
+            skip_bias_add=fuse)
         self.dense_4h_to_h = RowParallelLinear(
-            cfg.ffn_hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel)
+            cfg.ffn_hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel,
+            skip_bias_add=fuse)
         self.act = _ACTIVATIONS[cfg.activation]
+        self.bias_act = compiled(BIAS_ACT[cfg.activation]) if fuse else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [s, b, h] → [s, b, h] (bias of dense_4h_to_h left to the caller when fused)
+        if self.bias_act is not None:
+            return self.dense_4h_to_h(self.bias_act(self.dense_h_to_4h(x), self.dense_h_to_4h.bias))
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
 
@@ -99,12 +140,22 @@ class TransformerLayer(nn.Module):
         self.attention = SelfAttention(cfg, rt, ps, layer, init, out_init)
         self.post_attention_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, sp)
         self.mlp = MLP(cfg, rt, ps, init, out_init)
+        self.fused_bda = compiled(bias_dropout_add) if rt.fuse_elementwise else None
+
+    def _residual(self, y, bias, residual, dctx: DropoutContext, site: int):
+        """residual + dropout(y [+ bias]); one fused kernel on the native-dropout GPU path."""
+        p = self.cfg.hidden_dropout
+        if self.fused_bda is not None:
+            if dctx.impl == "native":
+                return self.fused_bda(y, bias, residual, p, dctx.active(p))
+            y = y + bias
+        return residual + dctx.hidden(y, p, site)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
-        p = self.cfg.hidden_dropout
-        x = x + dctx.hidden(self.attention(self.input_layernorm(x), mask, dctx), p, layer_site(self.layer, 1))
-        x = x + dctx.hidden(self.mlp(self.post_attention_layernorm(x)), p, layer_site(self.layer, 2))
-        return x
+        y = self.attention(self.input_layernorm(x), mask, dctx)
+        x = self._residual(y, self.attention.dense.bias, x, dctx, _site(dctx, self.layer, 1))
+        y = self.mlp(self.post_attention_layernorm(x))
+        return self._residual(y, self.mlp.dense_4h_to_h.bias, x, dctx, _site(dctx, self.layer, 2))
 
 
 class TransformerEncoder(nn.Module):

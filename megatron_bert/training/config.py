@@ -41,7 +41,7 @@ class ParallelSchema:
     tensor: int = 1
     sequence_parallel: bool = False
     recompute: str = "none"
-    dropout_impl: str = "keyed"
+    dropout_impl: str = "auto"
 
 
 @dataclass
@@ -80,6 +80,8 @@ class TaskSchema:
     max_answer_length: int = 30
     null_score_diff_threshold: float = 0.0
     num_choices: int = 4
+    regression: bool = False  # glue dataset=generic: float labels, MSE loss (named datasets know their type)
+    version_2_with_negative: Optional[bool] = None  # squad: null = decide from the data
 
 
 @dataclass
@@ -110,7 +112,8 @@ class TrainSchema:
     eval_iters: int = 10
     dist_timeout: float = 600.0
     max_bad_steps: int = 5
-    compile: bool = False
+    compile: bool = False  # GPU: torch.compile each transformer layer (fuses the elementwise work)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
 
 @dataclass
@@ -210,7 +213,7 @@ def parse_time(value) -> float | None:
 
 _CHOICES = {
     "parallel.recompute": ("none", "selective", "full"),
-    "parallel.dropout_impl": ("keyed", "native"),
+    "parallel.dropout_impl": ("auto", "keyed", "native"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.lr_schedule": ("linear", "cosine", "constant"),

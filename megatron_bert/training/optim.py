@@ -6,12 +6,14 @@ import math
 import torch
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on biases and LayerNorm weights (every 1-D parameter), decay on the rest."""
+def param_groups(model: torch.nn.Module, weight_decay: float, substitute: dict | None = None) -> list[dict]:
+    """No decay on biases and LayerNorm weights (every 1-D parameter), decay on the rest.
+
+    ``substitute`` maps model params to the tensors the optimizer should own (fp32 masters)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (no_decay if p.ndim < 2 else decay).append(substitute[p] if substitute else p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -23,8 +25,9 @@ def _apex_fused_adam():
     return FusedAdam
 
 
-def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device: torch.device):
-    groups = param_groups(model, weight_decay)
+def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device: torch.device,
+                    substitute: dict | None = None):
+    groups = param_groups(model, weight_decay, substitute)
     if device.type == "cuda":
         fused = _apex_fused_adam()
         if fused is not None:
@@ -86,3 +89,72 @@ class LossScaler:
 
     def load_state_dict(self, d: dict) -> None:
         self.scale, self.good_steps = float(d["scale"]), int(d["good_steps"])
+
+
+_PARAM_ATTRS = ("tensor_parallel", "partition_dim", "partition_stride", "sequence_parallel")
+
+
+class MasterWeightsOptimizer:
+    """Low-precision (bf16/fp16) model parameters, fp32 master copies that the optimizer updates.
+
+    After each micro-batch's backward, :meth:`accumulate_grads` adds the low-precision grads into
+    fp32 master grads (so accumulation over many micro-batches does not lose bits) and frees them.
+    Gradient sync, clipping and the step then work on the masters; :meth:`step` copies the updated
+    masters back into the model. This is Megatron's mixed-precision scheme without autocast's
+    per-step weight casts.
+    """
+
+    def __init__(self, model: torch.nn.Module, make_optimizer):
+        self.model_params: list[torch.nn.Parameter] = []
+        self.masters: list[torch.nn.Parameter] = []
+        self.master_of: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            m = torch.nn.Parameter(p.detach().float().clone())
+            for attr in _PARAM_ATTRS:
+                if hasattr(p, attr):
+                    setattr(m, attr, getattr(p, attr))
+            self.model_params.append(p)
+            self.masters.append(m)
+            self.master_of[p] = m
+        self.optimizer = make_optimizer(model, self.master_of)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model_params:
+            p.grad = None
+        for m in self.masters:
+            m.grad = None
+
+    def accumulate_grads(self) -> None:
+        with torch.no_grad():
+            for p, m in zip(self.model_params, self.masters):
+                if p.grad is None:
+                    continue
+                if m.grad is None:
+                    m.grad = p.grad.float()
+                else:
+                    m.grad.add_(p.grad)
+                p.grad = None
+
+    def step(self) -> None:
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.model_params, self.masters)
+
+    def load_masters_from_model(self) -> None:
+        """After loading weights into the model (e.g. from a checkpoint), refresh the masters."""
+        with torch.no_grad():
+            for p, m in zip(self.model_params, self.masters):
+                m.copy_(p.float())
+
+    def state_dict(self):
+        return self.optimizer.state_dict()

@@ -74,8 +74,11 @@ class PretrainTask:
 
     def _inputs(self, mb):
         dev = self.ps.device
-        x = {k: mb[k].to(dev, non_blocking=True) for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+        x = {k: mb[k].to(dev, non_blocking=True) for k in ("input_ids", "token_type_ids", "labels")}
         x["sample_ids"] = mb["sample_id"].to(dev, non_blocking=True)
+        # Decided on the host (no device sync): no padding → no mask → flash attention on GPU.
+        x["attention_mask"] = None if bool(mb["attention_mask"].all()) else mb["attention_mask"].to(dev, non_blocking=True)
+        x["lm_positions"] = (mb["labels"].reshape(-1) != -100).nonzero().squeeze(1).to(dev, non_blocking=True)
         if self.use_binary:
             x["next_sentence_label"] = mb["binary_label"].to(dev, non_blocking=True)
         return x

@@ -21,7 +21,7 @@ from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sa
 from ..config import ModelRuntime
 from .config import model_config, parse_time, to_yaml
 from .metrics import MetricsWriter, Throughput, flops_per_sequence, peak_flops
-from .optim import LossScaler, LRSchedule, build_optimizer
+from .optim import LossScaler, LRSchedule, MasterWeightsOptimizer, build_optimizer
 
 ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
              "max_position_embeddings", "type_vocab_size")
@@ -48,15 +48,36 @@ class Trainer:
         self.tracker = seed_everything(cfg.train.seed, ps.tp_rank, ps.device)
         vocab = self.task.setup()
         self.model_cfg = model_config(cfg, vocab)
+        on_gpu = ps.device.type == "cuda"
+        impl = cfg.parallel.dropout_impl
+        if impl == "auto":
+            impl = "native" if on_gpu else "keyed"
         rt = ModelRuntime(sequence_parallel=cfg.parallel.sequence_parallel and ps.tp_size > 1,
-                          recompute=cfg.parallel.recompute, dropout_impl=cfg.parallel.dropout_impl,
-                          seed=cfg.train.seed, validate_inputs=ps.device.type == "cpu")
+                          recompute=cfg.parallel.recompute, dropout_impl=impl, seed=cfg.train.seed,
+                          validate_inputs=not on_gpu, fuse_elementwise=bool(cfg.train.compile) and on_gpu)
         self.model = self.task.build_model(self.model_cfg, rt, self.tracker)
-        if cfg.train.compile:
-            for layer in self.model.bert.encoder.layers:
-                layer.compile()
         o = cfg.optim
-        self.optimizer = build_optimizer(self.model, cfg.train.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, ps.device)
+
+        def make_optimizer(model, substitute=None):
+            return build_optimizer(model, cfg.train.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, ps.device, substitute)
+
+        self.mixed = cfg.train.precision in ("bf16", "fp16")
+        if self.mixed:
+            # Low-precision parameters and activations; fp32 master weights live in the optimizer.
+            self.model.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
+            self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer)
+            self.opt_params = self.optimizer.masters
+        else:
+            self.optimizer = make_optimizer(self.model)
+            self.opt_params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.train.compile and ps.device.type == "cuda":
+            if ps.tp_size == 1:
+                for layer in self.model.bert.encoder.layers:
+                    layer.compile(mode=cfg.train.compile_mode)
+            else:
+                # Measured on H100 (BENCHMARKS.md): with TP collectives inside, the compiled layer
+                # breaks into many graphs and runs slower than eager, so only the epilogues compile.
+                self.log("train.compile: TP>1 compiles the fused elementwise epilogues only")
         total = cfg.train.max_steps
         warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_fraction * total)
         self.schedule = LRSchedule(cfg.train.lr, total, warmup, o.lr_schedule, o.min_lr)
@@ -73,11 +94,9 @@ class Trainer:
                  f"{n_params / 1e6:.1f}M per rank) | {ps}")
 
     def _autocast_factory(self):
-        prec, dev = self.cfg.train.precision, self.ps.device.type
-        if prec == "fp32":
-            return contextlib.nullcontext
-        dtype = torch.bfloat16 if prec == "bf16" else torch.float16
-        return lambda: torch.autocast(dev, dtype=dtype)
+        # bf16/fp16 runs keep the parameters themselves in low precision (see setup), so no autocast
+        # region is needed; tasks still wrap their forward in this hook.
+        return contextlib.nullcontext
 
     def _resume_or_init(self) -> None:
         c = self.cfg.checkpoint
@@ -101,7 +120,9 @@ class Trainer:
                      f"saved at TP={meta['saved_tp']} DP={meta['saved_dp']}, now TP={self.ps.tp_size} DP={self.ps.dp_size})")
         elif self.cfg.task.pretrained:
             self._check_architecture(self.cfg.task.pretrained)
-            ckpt, _, _ = load_checkpoint(self.cfg.task.pretrained, self.model, None, self.ps, strict=False)
+            # weights only (the optimizer is passed so mixed-precision fp32 masters get them too)
+            ckpt, _, _ = load_checkpoint(self.cfg.task.pretrained, self.model, self.optimizer, self.ps, strict=False,
+                                         load_optimizer=False)
             self.log(f"initialised from pretrained weights {ckpt} (new parameters keep their fresh init)")
 
     def _check_architecture(self, path) -> None:
@@ -127,6 +148,14 @@ class Trainer:
                 "consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
                 **self.task.checkpoint_meta()}
         t0 = time.perf_counter()
+        if c.async_save:
+            from ..checkpoint import AsyncCheckpointSaver
+
+            if getattr(self, "_async_saver", None) is None:
+                self._async_saver = AsyncCheckpointSaver(self.ps, self.log)
+            path, held = self._async_saver.save(c.dir, self.step, self.model, self.optimizer, meta, rng, keep=c.keep)
+            self.log(f"saving checkpoint {path} in the background (training held {held:.2f} s)")
+            return path
         path = save_checkpoint(c.dir, self.step, self.model, self.optimizer, self.ps, meta, rng, keep=c.keep)
         self.log(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
         return path
@@ -157,9 +186,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _backward(self, loss: torch.Tensor) -> None:
         (loss * self.scaler.scale).backward() if self.scaler.enabled else loss.backward()
+        if self.mixed:
+            self.optimizer.accumulate_grads()  # into the fp32 master grads
 
     def train_step(self, micro_batches) -> dict:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.opt_params
         lr = self.schedule.apply(self.optimizer, self.step)
         self.optimizer.zero_grad(set_to_none=True)
         stats = self.task.forward_backward(self.model, micro_batches, self._backward, self.autocast)
@@ -251,6 +282,9 @@ class Trainer:
                 break
         if self.step != last_saved:
             self.save()
+        if getattr(self, "_async_saver", None) is not None:  # wait for the pending async save (raises its error)
+            self._async_saver.close()
+            self._async_saver = None
         final = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
         self.log(f"done: step {self.step}, {self.consumed_samples} samples | metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}"
                  + (f" | checkpoint: {final}" if final else ""))

@@ -1,0 +1,163 @@
+"""Time our pretraining step on GPU(s) through the real trainer code path.
+
+    python bench/bench_pretrain.py --model 345m --seq 512 --batch 32            # TP=1
+    torchrun --nproc_per_node=4 bench/bench_pretrain.py --tp 4 --batch 32 --sp   # TP=4
+
+The step is ``Trainer.train_step`` (forward/backward over micro-batches, grad sync, clipping, fused
+AdamW) on synthetic batches already in pinned host memory: 15% of positions are MLM targets (as in
+real BERT data), token types split the sequence, no padding unless ``--pad``. Prints ``RESULT {json}``
+with seq/s, TFLOP/s per GPU and MFU (the same FLOPs formula as ../shared/bench/anchors.py: full-
+vocabulary logits at every position are counted even though we compute them only at the targets),
+and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from megatron_bert.training.config import Schema  # noqa: E402
+from megatron_bert.training.metrics import flops_per_sequence  # noqa: E402
+from megatron_bert.training.pretrain import PretrainTask  # noqa: E402
+from megatron_bert.training.trainer import Trainer  # noqa: E402
+from parallel import ParallelState  # noqa: E402
+
+SIZES = {"345m": (24, 1024, 16), "1.3b": (24, 2048, 32), "3.9b": (48, 2560, 40), "base": (12, 768, 12)}
+
+
+class SyntheticPretrainTask(PretrainTask):
+    """PretrainTask with random batches instead of a dataset (same loss / step code)."""
+
+    def __init__(self, cfg, ps, log, vocab, pad):
+        super().__init__(cfg, ps, log)
+        self.vocab, self.pad = vocab, pad
+        self.tokenizer_path, self.data_prefix = "synthetic", "synthetic"
+
+    def setup(self):
+        return self.vocab
+
+    def _micro_batch(self, g, mb, s, first_id):
+        ids = torch.randint(5, self.vocab, (mb, s), generator=g)
+        types = torch.zeros(mb, s, dtype=torch.long)
+        types[:, s // 2:] = 1
+        mask = torch.ones(mb, s, dtype=torch.long)
+        if self.pad:
+            for i in range(mb):
+                mask[i, s - (i * 37) % (s // 4):] = 0
+        labels = torch.full((mb, s), -100)
+        pick = (torch.rand(mb, s, generator=g) < 0.15) & mask.bool()
+        labels[pick] = ids[pick]
+        batch = dict(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels,
+                     binary_label=torch.randint(0, 2, (mb,), generator=g),
+                     sample_id=torch.arange(first_id, first_id + mb))
+        if self.ps.device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def train_batches(self, consumed_samples):
+        t = self.cfg.train
+        g = torch.Generator().manual_seed(1234 + self.ps.dp_rank)
+        n_micro = t.global_batch_size // (t.micro_batch_size * self.ps.dp_size)
+        pool = [[self._micro_batch(g, t.micro_batch_size, self.cfg.data.seq_length, k * 1000 + j)
+                 for j in range(n_micro)] for k in range(2)]
+        k = 0
+        while True:
+            yield pool[k % 2]
+            k += 1
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="345m", choices=sorted(SIZES))
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=32, help="global batch")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
+    p.add_argument("--sp", action="store_true")
+    p.add_argument("--vocab", type=int, default=30522)
+    p.add_argument("--dropout-impl", default="native", choices=["native", "keyed"])
+    p.add_argument("--compile", action="store_true", help="torch.compile each layer")
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--recompute", default="none")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--pad", action="store_true", help="padded batches (masked attention)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--tag", default="")
+    p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    a = p.parse_args()
+
+    L, h, heads = SIZES[a.model]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    dp = world // a.tp
+    mb = a.micro_batch or a.batch // dp
+    cfg = OmegaConf.structured(Schema)
+    cfg.run_dir = "/tmp/bench_run"
+    cfg.model.update(name=a.model, num_layers=L, hidden_size=h, num_attention_heads=heads, vocab_size=a.vocab,
+                     max_position_embeddings=max(512, a.seq))
+    cfg.parallel.update(tensor=a.tp, sequence_parallel=a.sp, recompute=a.recompute, dropout_impl=a.dropout_impl)
+    cfg.data.update(seq_length=a.seq, binary_head="sop")
+    cfg.train.update(global_batch_size=a.batch, micro_batch_size=mb, precision=a.precision, device=a.device,
+                     compile=a.compile, compile_mode=a.compile_mode, max_steps=a.warmup + a.iters, lr=1e-4, log_interval=10**9,
+                     eval_interval=10**9)
+    cfg.checkpoint.update(dir=None, resume="none")
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    ps = ParallelState.from_env(a.tp, a.device)
+    cuda = ps.device.type == "cuda"
+    trainer = Trainer(cfg, ps, None)
+    trainer.writer.enabled = False
+    trainer.task = SyntheticPretrainTask(cfg, ps, trainer.log, a.vocab, a.pad)
+    trainer.setup()
+    batches = trainer.task.train_batches(0)
+
+    def step():
+        trainer.train_step(next(batches))
+        trainer.step += 1
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t_compile = time.perf_counter()
+    for _ in range(a.warmup):
+        step()
+    sync()
+    warm_s = time.perf_counter() - t_compile
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(a.iters):
+        step()
+    sync()  # each step already ends in a host sync (grad-norm check), so wall time is device time
+    dt = (time.perf_counter() - t0) / a.iters
+
+    if a.profile and ps.is_main and cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+
+    fl = flops_per_sequence(L, h, a.seq, a.vocab) * a.batch
+    if ps.is_main:
+        r = dict(which="ours", tag=a.tag, tp=a.tp, dp=dp, sp=a.sp, model=a.model, seq=a.seq, batch=a.batch,
+                 micro_batch=mb, dropout=a.dropout_impl, compile=a.compile and a.compile_mode, recompute=a.recompute, pad=a.pad,
+                 step_ms=round(dt * 1e3, 2), seq_per_s=round(a.batch / dt, 1),
+                 tflops_per_gpu=round(fl / dt / world / 1e12, 1), mfu_989=round(fl / dt / world / 989e12, 3),
+                 mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                 warmup_s=round(warm_s, 1), gpu=torch.cuda.get_device_name() if cuda else "cpu")
+        print("RESULT", json.dumps(r), flush=True)
+    ps.destroy()
+
+
+if __name__ == "__main__":
+    main()
