@@ -9,16 +9,13 @@ O="bench/bench_pretrain.py --model 345m --seq 512 --batch 32"
 g1="env CUDA_VISIBLE_DEVICES=0"; g2="env CUDA_VISIBLE_DEVICES=0,1"
 run() { local t=$1; shift; timeout "$t" "$@" 2>&1 | grep -E "^RESULT|Error|error:" | tail -3; }
 run 90 $g1 python3 $O --compile --tag tp1
-run 100 $g2 torchrun --standalone --nproc_per_node=2 $O --tp 2 --sp --compile --tag tp2_sp \
-  || run 80 $g2 torchrun --standalone --nproc_per_node=2 $O --tp 2 --sp --tag tp2_sp_eager
-run 100 torchrun --standalone --nproc_per_node=4 $O --tp 4 --sp --compile --tag tp4_sp \
-  || run 80 torchrun --standalone --nproc_per_node=4 $O --tp 4 --sp --tag tp4_sp_eager
+# (TP>1 rows of call A were taken here with whole-layer compile; the trainer no longer compiles
+# layers at TP>1 — bench/gpu_final_tp.sh has the eager TP>1 measurement.)
 run 70 $g1 python3 bench/bench_pretrain.py --model 345m --seq 128 --batch 64 --compile --compile-mode reduce-overhead --tag seq128
 run 70 $g1 torchrun --standalone --nproc_per_node=1 .bench/anchors.py mcore --batch 32
 run 70 $g2 torchrun --standalone --nproc_per_node=2 .bench/anchors.py mcore --batch 32
 run 70 torchrun --standalone --nproc_per_node=4 .bench/anchors.py mcore --batch 32
 run 60 $g1 torchrun --standalone --nproc_per_node=1 .bench/anchors.py mcore --batch 64 --seq 128
-run 140 torchrun --standalone --nproc_per_node=4 bench/bench_pretrain.py --model 3.9b --seq 512 --batch 32 --tp 4 --sp --compile --iters 5 --tag 3.9b_tp4
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
 # data loader on real data (built-in corpus, seq 512, 4 workers): fraction of step time waiting for data
 timeout 150 env CUDA_VISIBLE_DEVICES=0 python3 -m megatron_bert.train model=345m data=quickstart data.cache_dir=/tmp/qs \

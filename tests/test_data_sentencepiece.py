@@ -1,5 +1,6 @@
 """SentencePiece: training with BERT specials, loading, encode/decode round-trip, offsets."""
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def test_train_writes_model_atomically_with_bert_specials(sp_model, tmp_path):
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
     assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert 50 <= tok.vocab_size <= 300  # soft limit: a tiny corpus gives fewer pieces
-    leftovers = [p.name for p in (tmp_path.parent).rglob("*.tmp*")]
+    leftovers = [p.name for p in Path(sp_model).parent.rglob("*.tmp*")]  # only this fixture's dir
     assert not leftovers
     # files as input (one sentence per line), BPE
     txt = tmp_path / "in.txt"
