@@ -34,11 +34,16 @@ def micro_batch_sample_ids(consumed_samples, global_batch_size, micro_batch_size
 
 
 def collate(samples):
-    """List of sample dicts (numpy arrays) -> dict of stacked int64 torch tensors."""
+    """List of sample dicts (numpy arrays) -> dict of stacked torch tensors: integer fields as int64,
+    float fields (e.g. regression labels of fine-tuning tasks) as float32."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
-    return {k: torch.from_numpy(np.stack([np.asarray(s[k]) for s in samples]).astype(np.int64, copy=False))
-            for k in samples[0]}
+    out = {}
+    for k in samples[0]:
+        arr = np.stack([np.asarray(s[k]) for s in samples])
+        arr = arr.astype(np.int64, copy=False) if arr.dtype.kind in "iub" else arr.astype(np.float32, copy=False)
+        out[k] = torch.from_numpy(arr)
+    return out
 
 
 class _MicroBatchSampler:

@@ -180,10 +180,10 @@ def stack_features(features: list[dict[str, np.ndarray]], fields: tuple[str, ...
 
 
 def collate(samples: list[dict[str, np.ndarray]]):
-    """Default collate: list of `ds[i]` dicts -> dict of stacked torch tensors."""
-    import torch
+    """List of `ds[i]` dicts -> dict of stacked torch tensors (int64 / float32), as the trainer batches them."""
+    from ..data.loader import collate as _collate
 
-    return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+    return _collate(samples)
 
 
 # --------------------------------------------------------------------------- task spec + registry

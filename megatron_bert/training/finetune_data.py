@@ -14,9 +14,8 @@ not depend on the TP/DP layout.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..data.loader import micro_batch_sample_ids
+from ..data.loader import collate, micro_batch_sample_ids
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -39,16 +38,6 @@ class SampleStream:
             self._epoch, self._perm = epoch, epoch_permutation(self.seed, epoch, self.n)
         index = int(self._perm[offset])
         return index, epoch * self.n + index
-
-
-def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack sample dicts; integer fields as int64, float fields (regression labels) as float32."""
-    out = {}
-    for k in samples[0]:
-        arr = np.stack([np.asarray(s[k]) for s in samples])
-        arr = arr.astype(np.int64, copy=False) if arr.dtype.kind in "iub" else arr.astype(np.float32, copy=False)
-        out[k] = torch.from_numpy(arr)
-    return out
 
 
 class FinetuneLoader:

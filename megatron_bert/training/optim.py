@@ -149,12 +149,3 @@ class MasterWeightsOptimizer:
         self.optimizer.step()
         with torch.no_grad():
             torch._foreach_copy_(self.model_params, self.masters)
-
-    def load_masters_from_model(self) -> None:
-        """After loading weights into the model (e.g. from a checkpoint), refresh the masters."""
-        with torch.no_grad():
-            for p, m in zip(self.model_params, self.masters):
-                m.copy_(p.float())
-
-    def state_dict(self):
-        return self.optimizer.state_dict()
