@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The measurement for BENCHMARKS.md, one call on a 4-GPU machine: ours and megatron-core side by
-# side (345M, seq 512, global batch 32, bf16) at TP=1/2/4, seq 128 batch 64 at TP=1, the 3.9B model
-# at TP=4, the 2-GPU bf16 TP check, and the data-loader wait on real data.
+# Call A of BENCHMARKS.md, one call on a 4-GPU machine: ours at TP=1 and megatron-core at TP=1/2/4
+# side by side (345M, seq 512, global batch 32, bf16), seq 128 batch 64 at TP=1, the 2-GPU bf16 TP
+# check, and the data-loader wait on real data (ours at TP>1 and the 3.9B model: gpu_final_tp.sh).
+# Table with ratios: bash bench/gpu_final.sh 2>&1 | tee run.log; python bench/report.py run.log
 set -u
 source bench/gpu_env.sh
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
