@@ -9,6 +9,8 @@ GPUS="${GPUS:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1)
 MASTER_PORT="${MASTER_PORT:-29400}"
 RUN_ID="${RUN_ID:-megatron-bert}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+# Restarted workers must not read the previous attempt's rendezvous addresses (RELIABILITY.md).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS" --rdzv_backend=c10d \
     --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="$RUN_ID" --max_restarts="${MAX_RESTARTS:-0}" \
     -m megatron_bert.train "$@"

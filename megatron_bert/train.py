@@ -2,6 +2,8 @@
 
 Plain ``python -m megatron_bert.train`` runs one process. Errors print one line (``error: ...``) and
 exit non-zero; set ``HYDRA_FULL_ERROR=1`` or ``MEGATRON_BERT_DEBUG=1`` for the traceback.
+Exit codes: 2 bad config / data / checkpoint (or a failed save), 3 training stopped (non-finite steps),
+4 a collective timed out or lost its peer (the line names the rank, phase and step). RELIABILITY.md.
 """
 from __future__ import annotations
 
@@ -38,26 +40,40 @@ def _known_errors() -> tuple:
     return tuple(errors)
 
 
-# Errors that every rank hits identically: only rank 0 needs to say them.
-_CONSISTENT = ("ConfigError", "ModelConfigError", "ParallelConfigError", "CheckpointError", "TaskDataError")
+# Errors that every rank hits identically: only rank 0 needs to say them. (Checkpoint save failures are
+# agreed on by all ranks; the non-finite decision that raises TrainingStopped is the same on every rank.)
+_CONSISTENT = ("ConfigError", "ModelConfigError", "ParallelConfigError", "CheckpointError", "TaskDataError",
+               "TrainingStopped")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.filename and e.strerror:  # e.g. "No such file or directory: /x/docs.idx"
+        text = f"{e.strerror}: {e.filename}"
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("MEGATRON_BERT_DEBUG") == "1"
     rank = int(os.environ.get("RANK", "0"))
-    ps = None
+    ps = trainer = cfg = None
     try:
         from parallel import ParallelState
 
+        from .training import faults
         from .training.config import ConfigError, compose, validate
-        from .training.trainer import Trainer, TrainingStopped
+        from .training.trainer import Trainer
 
+        faults.install()  # test-only fault hooks from the environment (nothing when unset)
         cfg = compose(argv)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process-group work
+        faults.apply_dist_timeout(cfg.train.dist_timeout)  # also for groups torch creates (device mesh)
         ps = ParallelState.from_env(cfg.parallel.tensor, cfg.train.device, cfg.train.dist_timeout)
         trainer = Trainer(cfg, ps, None, argv)
         trainer.task = build_task(cfg, ps, trainer.log)
+        if faults.restart_warning():
+            trainer.log(faults.restart_warning())
         if cfg.task.mode != "train" and not hasattr(trainer.task, "run_mode"):
             raise ConfigError(f"task.mode={cfg.task.mode} is for fine-tuning tasks (task=glue|ner|squad|race)")
         trainer.setup()
@@ -69,9 +85,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if rank == 0 or type(e).__name__ not in _CONSISTENT:
             prefix = "" if rank == 0 else f"[rank {rank}] "
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
+            print(f"{prefix}error: {_one_line(e)}", file=sys.stderr, flush=True)
         return 3 if type(e).__name__ == "TrainingStopped" else 2
+    except RuntimeError as e:  # a collective timed out or lost its peer: say where, on this rank's line
+        from .training import faults
+
+        phase, step = (trainer.phase, trainer.phase_step) if trainer is not None else ("process-group start-up", 0)
+        err = faults.explain(e, rank, phase, step, cfg.train.dist_timeout if cfg is not None else 0)
+        if debug or err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 4
     finally:
         if ps is not None:
             ps.destroy()

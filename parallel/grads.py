@@ -77,12 +77,16 @@ def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type
         if ps.tp_size > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.tp_group)
         return local
-    counted = [p.grad.detach() for p in params if is_tp_sharded(p) or ps.tp_rank == 0]
+    grads = [p.grad.detach() for p in params]
     total = torch.zeros((), dtype=torch.float32, device=device)
-    if counted:
+    if grads:
         # One fused multi-tensor kernel instead of a Python loop of per-parameter norms.
-        norms = torch._foreach_norm(counted, norm_type, dtype=torch.float32)
-        total = torch.stack(norms).pow(norm_type).sum()
+        powers = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float32)).pow(norm_type)
+        # Replicated params count on TP rank 0 only; elsewhere their weight is 0, and 0 * NaN = NaN,
+        # so a non-finite replicated grad on any rank still poisons the global norm (skipped step).
+        weight = torch.tensor([1.0 if is_tp_sharded(p) or ps.tp_rank == 0 else 0.0 for p in params],
+                              device=powers.device)
+        total = (powers * weight).sum()
     comm.all_reduce(total, ps.tp_group)
     return total ** (1.0 / norm_type)
 

@@ -103,11 +103,12 @@ class ParallelState:
                 device_id=dev if dev.type == "cuda" else None,
             )
             owns = True
-        return cls.from_process_group(tensor_parallel, dev, backend, owns)
+        return cls.from_process_group(tensor_parallel, dev, backend, owns, timeout_s)
 
     @classmethod
     def from_process_group(
-        cls, tensor_parallel: int, device: torch.device, backend: str | None = None, owns: bool = False
+        cls, tensor_parallel: int, device: torch.device, backend: str | None = None, owns: bool = False,
+        timeout_s: float | None = None,
     ) -> "ParallelState":
         """Carve TP × DP groups out of an already initialised default process group."""
         world_size = dist.get_world_size()
@@ -115,13 +116,16 @@ class ParallelState:
         validate_layout(world_size, tensor_parallel)
         tp_lists, dp_lists = _rank_layout(world_size, tensor_parallel)
         tp_group = dp_group = None
+        # new_group does not inherit the world group's timeout: pass it, or a hung TP/DP collective
+        # would wait torch's default (30 min) instead of train.dist_timeout.
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         # Every rank must create every group, in the same order.
         for ranks in tp_lists:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 tp_group = g
         for ranks in dp_lists:
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 dp_group = g
         return cls(

@@ -104,3 +104,18 @@ def test_keyed_mask_is_layout_independent_and_unbiased():
     assert torch.equal(full[8:], half)
     big = keyed_keep_mask(torch.tensor([7]), torch.arange(200_000), 0.1)
     assert abs(big.float().mean().item() - 0.9) < 0.005
+
+
+def test_grad_norm_sees_a_nan_in_replicated_grads_on_any_tp_rank():
+    """Replicated grads count once (TP rank 0) but a NaN there on another rank must still show."""
+    from parallel.grads import grad_norm
+
+    rep = torch.nn.Parameter(torch.ones(3))
+    rep.grad = torch.tensor([float("nan"), 1.0, 1.0])
+    shard = torch.nn.Parameter(torch.ones(2))
+    shard.tensor_parallel = True
+    shard.grad = torch.ones(2)
+    on_rank1 = ParallelState(tp_size=2, tp_rank=1, world_size=2, rank=1)  # no group: the reduce is local
+    assert torch.isnan(grad_norm([rep, shard], on_rank1))
+    rep.grad = torch.full((3,), 5.0)
+    assert torch.allclose(grad_norm([rep, shard], on_rank1), torch.tensor(2.0 ** 0.5))  # rep not counted here

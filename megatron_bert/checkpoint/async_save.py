@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from parallel import ParallelState
 
-from .manager import begin_save, finalize_save, full_meta, save_rng
+from .manager import agree, begin_save, finalize_save, full_meta, save_rng
 from .sharded import CheckpointError, build_state_dict, stage_state_dict, write_state
 
 
@@ -57,7 +57,12 @@ class AsyncCheckpointSaver:
         tmp, final = begin_save(root, step, self.ps)
         staged = stage_state_dict(build_state_dict(model, optimizer, self.ps),
                                   pin_memory=self.ps.device.type == "cuda")
-        save_rng(tmp, self.ps.rank, rng_state)
+        error = None
+        try:
+            save_rng(tmp, self.ps.rank, rng_state)
+        except OSError as e:  # e.g. disk full: every rank must learn of it, not hang in the writer
+            error = e
+        agree(self.ps, error, step, tmp)
         meta = full_meta(meta, step, self.ps)
         self._error = None
         self._pending = final

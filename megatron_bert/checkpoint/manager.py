@@ -6,6 +6,12 @@ rename). A crash at any point leaves the previous checkpoint and pointer intact;
 ``.step_*.tmp`` / ``.step_*.old`` directories are never read (resume only looks at ``step_<N>``
 directories that hold ``meta.json``) and are removed by the next save.
 
+A failure on any rank (disk full, permission denied, a dead shard writer) is agreed on by every rank
+(:func:`agree`, an all-reduced flag where a barrier used to be): all of them raise the same
+``CheckpointError``, rank 0 removes the partial ``.step_<N>.tmp``, and ``latest`` and the earlier
+checkpoints stay as they were. What happens next (retry or stop) is the trainer's
+``checkpoint.on_error``.
+
 Test hook (used by tests/test_checkpoint*.py only): ``MEGATRON_BERT_TEST_SAVE_PAUSE=STEP:SECONDS``
 makes rank 0 sleep when the save of step STEP has written everything into ``.step_STEP.tmp`` but
 not yet renamed it — the window a crash (``kill -9``) must survive. With async saves the sleep is
@@ -20,9 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from parallel import ParallelState
 
+from ..training import faults
 from .sharded import CheckpointError, load_state, read_full_state, save_state, write_full_state
 
 FORMAT_VERSION = 1
@@ -44,6 +52,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
+    faults.check_write(tmp)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -129,17 +138,49 @@ def begin_save(root, step: int, ps: ParallelState) -> tuple[Path, Path]:
     """Collective: rank 0 prepares an empty ``.step_<N>.tmp``; returns (tmp, final)."""
     root = Path(root)
     tmp, final = root / f".step_{step}.tmp", step_dir(root, step)
+    error = None
     if ps.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        _clean_stale(root)
-        (tmp / "rng").mkdir(parents=True)
-    ps.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _clean_stale(root)
+            (tmp / "rng").mkdir(parents=True)
+        except OSError as e:
+            error = e
+    agree(ps, error, step, tmp)
     return tmp, final
 
 
 def save_rng(tmp: Path, rank: int, rng_state: dict | None) -> None:
     if rng_state is not None:
+        faults.check_write(_rng_file(tmp, rank))
         torch.save(rng_state, _rng_file(tmp, rank))
+
+
+def _why(e: BaseException, rank: int) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, CheckpointError):  # DCP's own agreement already names the failing rank
+        return text.split(": ", 1)[1] if text.startswith("could not write checkpoint") and ": " in text else text
+    return f"rank {rank}: {type(e).__name__}: {text}"
+
+
+def agree(ps: ParallelState, error: BaseException | None, step: int, tmp: Path | None = None) -> None:
+    """Collective, in place of a barrier: if any rank failed (``error`` not None there), every rank raises
+    the same CheckpointError naming the first failure; rank 0 removes the partial ``tmp`` directory."""
+    failed = error is not None
+    if ps.distributed:
+        flag = torch.tensor([1.0 if failed else 0.0], device=ps.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        reasons = [None] * ps.world_size
+        dist.all_gather_object(reasons, _why(error, ps.rank) if failed else None)
+    elif not failed:
+        return
+    else:
+        reasons = [_why(error, ps.rank)]
+    if tmp is not None and ps.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(f"could not save checkpoint step_{step}: {next(r for r in reasons if r)}")
 
 
 def _test_pause(step: int) -> None:
@@ -160,7 +201,12 @@ def finalize_save(tmp: Path, final: Path, meta: dict, keep: int = 0) -> Path:
         old = root / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)
+        raise
     _fsync_dir(root)
     write_text_atomic(root / LATEST_FILE, final.name + "\n")
     if old is not None:
@@ -183,14 +229,23 @@ def full_meta(meta: dict, step: int, ps: ParallelState) -> dict:
 
 def save_checkpoint(root, step: int, model, optimizer, ps: ParallelState, meta: dict,
                     rng_state: dict | None = None, keep: int = 0) -> Path:
-    """Collective, synchronous: every rank calls it. Returns the final step directory."""
+    """Collective, synchronous: every rank calls it. Returns the final step directory.
+
+    A failure on any rank raises the same CheckpointError on every rank (see :func:`agree`)."""
     tmp, final = begin_save(root, step, ps)
-    save_state(tmp, model, optimizer, ps)  # DCP: returns on every rank once all shards + .metadata are written
-    save_rng(tmp, ps.rank, rng_state)
-    ps.barrier()
+    error = None
+    try:
+        save_state(tmp, model, optimizer, ps)  # DCP: returns on every rank once all shards + .metadata are written
+        save_rng(tmp, ps.rank, rng_state)
+    except (CheckpointError, OSError) as e:  # DCP fails on every rank together; the rng write is this rank's
+        error = e
+    agree(ps, error, step, tmp)
     if ps.is_main:
-        finalize_save(tmp, final, full_meta(meta, step, ps), keep)
-    ps.barrier()
+        try:
+            finalize_save(tmp, final, full_meta(meta, step, ps), keep)
+        except OSError as e:
+            error = e
+    agree(ps, error, step, tmp)
     return final
 
 

@@ -22,7 +22,12 @@ _ROLE_PIECES = {
 class SentencePieceTokenizer:
     def __init__(self, model_file, lower_case=None):
         self.model_file = str(model_file)
-        self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_file)
+        except (RuntimeError, OSError) as e:  # sentencepiece reports a bad file as RuntimeError
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{self.model_file} is not a readable SentencePiece model ({reason}): "
+                             "point data.tokenizer at a .model file written by sentencepiece") from None
         # The model's own normaliser decides casing; lower_case=True additionally lower-cases the input
         # (length-preserving, so offsets stay valid).
         self.lower_case = bool(lower_case)

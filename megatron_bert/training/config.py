@@ -110,8 +110,9 @@ class TrainSchema:
     log_interval: int = 10
     eval_interval: int = 100
     eval_iters: int = 10
-    dist_timeout: float = 600.0
+    dist_timeout: float = 600.0  # seconds any collective may wait (every process group) before the run fails
     max_bad_steps: int = 5
+    heartbeat_interval: float = 60.0  # seconds; 0 = off (RELIABILITY.md)
     compile: bool = False  # GPU: torch.compile each transformer layer (fuses the elementwise work)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
@@ -123,6 +124,9 @@ class CheckpointSchema:
     resume: str = "auto"
     keep: int = 3
     async_save: bool = False
+    on_error: str = "exit"  # a failed save (disk full, permission denied): exit | retry
+    retries: int = 3  # on_error=retry: further attempts before giving up
+    retry_wait: float = 10.0  # seconds between attempts
 
 
 @dataclass
@@ -219,6 +223,7 @@ _CHOICES = {
     "optim.lr_schedule": ("linear", "cosine", "constant"),
     "data.binary_head": ("sop", "nsp", "none"),
     "task.mode": ("train", "evaluate", "predict"),
+    "checkpoint.on_error": ("exit", "retry"),
 }
 
 
@@ -245,9 +250,23 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(f"train.lr={tr.lr} must be > 0")
     if tr.max_steps < 0:
         raise ConfigError(f"train.max_steps={tr.max_steps} must be >= 0")
-    for key in ("log_interval", "eval_interval"):
+    for key in ("log_interval", "eval_interval", "max_bad_steps"):
         if tr[key] < 1:
             raise ConfigError(f"train.{key}={tr[key]} must be >= 1")
+    if not tr.dist_timeout > 0:
+        raise ConfigError(f"train.dist_timeout={tr.dist_timeout} must be > 0 (seconds a collective may wait)")
+    for key, value in (("train.heartbeat_interval", tr.heartbeat_interval), ("train.eval_iters", tr.eval_iters),
+                       ("checkpoint.retries", cfg.checkpoint.retries),
+                       ("checkpoint.retry_wait", cfg.checkpoint.retry_wait)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    seq, max_pos = cfg.data.seq_length, cfg.model.max_position_embeddings
+    for key, value in (("data.seq_length", seq), ("task.max_seq_length", cfg.task.max_seq_length)):
+        if value is not None and not 1 <= value <= max_pos:
+            raise ConfigError(f"{key}={value} must be in [1, model.max_position_embeddings={max_pos}]: "
+                              "shorten the sequences or raise model.max_position_embeddings")
+    if not 0 < cfg.data.masked_lm_prob <= 1:
+        raise ConfigError(f"data.masked_lm_prob={cfg.data.masked_lm_prob} must be in (0, 1]")
     if cfg.optim.min_lr < 0 or cfg.optim.min_lr > tr.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} must be in [0, train.lr]")
     if not 0 <= cfg.optim.warmup_fraction <= 1:
@@ -258,6 +277,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                           "with parallel.sequence_parallel=true")
     if cfg.checkpoint.keep < 0 or cfg.checkpoint.save_interval < 0:
         raise ConfigError("checkpoint.keep and checkpoint.save_interval must be >= 0")
+    if cfg.checkpoint.dir and Path(cfg.checkpoint.dir).exists() and not Path(cfg.checkpoint.dir).is_dir():
+        raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is not a directory: point it at a directory")
     from ..config import NAMED_SIZES, ModelConfigError
 
     try:

@@ -2,6 +2,12 @@
 
 One step:  zero grads → task.forward_backward over the micro-batches → SP/DP grad all-reduce →
 (fp16: unscale) → TP-aware clip → finite? AdamW step : skip → LR schedule, logging, eval, checkpoint.
+
+Faults (RELIABILITY.md): ``self.phase`` labels what the loop is doing, for the one-line report of a
+collective timeout and for the heartbeat (faults.py); the finite check is the same on every rank (the
+grad norm is all-reduced over TP after the DP all-reduce, the loss is DP-reduced), so every rank skips
+or stops together; saves never write non-finite weights, wait for a finite step, and follow
+``checkpoint.on_error`` when the disk fails.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from parallel import ParallelState, allreduce_data_parallel_grads, allreduce_seq
 from parallel.random import seed_everything
 
 from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint.manager import agree
 from ..config import ModelRuntime
+from . import faults
 from .config import model_config, parse_time, to_yaml
 from .metrics import MetricsWriter, Throughput, flops_per_sequence, peak_flops
 from .optim import LossScaler, LRSchedule, MasterWeightsOptimizer, build_optimizer
@@ -41,6 +49,20 @@ class Trainer:
         self.consumed_samples = 0
         self.stop_reason: str | None = None
         self._signal = None
+        self.phase, self.phase_step = "setup", 0
+        self.last_step_time = time.monotonic()
+        self.faults = faults.ACTIVE
+        self._nan = False
+        self._async_saver, self._async_step = None, 0
+        # From the start, so that a SIGTERM (torchrun stopping the group, a pre-emption) during setup
+        # neither kills a rank before it has printed its error line nor is lost: it stops after step 1.
+        self._install_signal_handlers()
+
+    def _enter(self, phase: str, step: int) -> None:
+        """Label what the loop does now (for error lines and the heartbeat); fires test-only fault hooks."""
+        self.phase, self.phase_step = phase, step
+        if self.faults is not None:
+            self.faults.at_phase(phase, step)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -136,10 +158,47 @@ class Trainer:
                                   "pick the matching model=... or another checkpoint.dir")
 
     # ------------------------------------------------------------------ checkpoints
+    def _kept(self) -> str:
+        kept = latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
+        return f"the last good checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
+
     def save(self) -> Path | None:
+        """Save (collective). Never writes non-finite weights; disk errors follow checkpoint.on_error:
+        ``exit`` stops at the first failure, ``retry`` tries ``checkpoint.retries`` more times."""
         c = self.cfg.checkpoint
         if not c.dir:
             return None
+        self._enter("checkpoint save", self.step)
+        if not faults.all_finite(self.opt_params, self.ps):
+            raise TrainingStopped(f"the weights are non-finite at step {self.step}: not saving them; {self._kept()}")
+        attempts = 1 + (c.retries if c.on_error == "retry" else 0)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._save_once()
+            except CheckpointError as e:
+                if attempt == attempts:
+                    raise self._save_failed(e) from None
+                self.log(f"warning: {e}; retrying in {c.retry_wait:g} s (attempt {attempt + 1} of {attempts})")
+                time.sleep(c.retry_wait)
+
+    def _save_failed(self, e: CheckpointError) -> CheckpointError:
+        c = self.cfg.checkpoint
+        hint = "" if c.on_error == "retry" else " (or set checkpoint.on_error=retry)"
+        return CheckpointError(f"{e} — {self._kept()}; free disk space or fix the permissions of {c.dir}{hint}")
+
+    def _wait_async_save(self) -> None:
+        """Wait for the pending background save; its failure (possibly on one rank only) is agreed on."""
+        if self._async_saver is None:
+            return
+        step, error = self._async_step, None
+        try:
+            self._async_saver.wait()
+        except CheckpointError as e:
+            error = e
+        agree(self.ps, error, step, Path(self.cfg.checkpoint.dir) / f".step_{step}.tmp")
+
+    def _save_once(self) -> Path:
+        c = self.cfg.checkpoint
         rng = {"cpu": torch.get_rng_state(), "tracker": self.tracker.get_states()}
         if self.ps.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.ps.device)
@@ -151,8 +210,10 @@ class Trainer:
         if c.async_save:
             from ..checkpoint import AsyncCheckpointSaver
 
-            if getattr(self, "_async_saver", None) is None:
+            if self._async_saver is None:
                 self._async_saver = AsyncCheckpointSaver(self.ps, self.log)
+            self._wait_async_save()
+            self._async_step = self.step
             path, held = self._async_saver.save(c.dir, self.step, self.model, self.optimizer, meta, rng, keep=c.keep)
             self.log(f"saving checkpoint {path} in the background (training held {held:.2f} s)")
             return path
@@ -185,33 +246,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _backward(self, loss: torch.Tensor) -> None:
+        if self._nan:  # test-only fault hook (faults.py)
+            loss = loss * float("nan")
         (loss * self.scaler.scale).backward() if self.scaler.enabled else loss.backward()
         if self.mixed:
             self.optimizer.accumulate_grads()  # into the fp32 master grads
 
     def train_step(self, micro_batches) -> dict:
         params = self.opt_params
+        n = self.step + 1
         lr = self.schedule.apply(self.optimizer, self.step)
         self.optimizer.zero_grad(set_to_none=True)
+        self._enter("forward/backward", n)
+        self._nan = self.faults is not None and self.faults.nan_loss(n)
         stats = self.task.forward_backward(self.model, micro_batches, self._backward, self.autocast)
+        if self._nan:
+            stats["loss"] = float("nan")
+        self._enter(faults.GRAD_ALLREDUCE, n)
         allreduce_sequence_parallel_grads(params, self.ps)
         allreduce_data_parallel_grads(params, self.ps, average=False)  # losses are globally normalised
         if self.scaler.enabled:
             inv = 1.0 / self.scaler.scale
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], inv)
+        self._enter("gradient-norm all-reduce", n)
         norm = float(clip_grad_norm_(params, self.cfg.optim.clip_grad, self.ps))
+        # The norm is all-reduced and the loss DP-reduced (and TP-identical): every rank decides alike.
         finite = norm == norm and norm != float("inf") and stats["loss"] == stats["loss"] \
             and abs(stats["loss"]) != float("inf")
         if finite:
+            self._enter("optimizer step", n)
             self.optimizer.step()
         self.scaler.update(not finite)
         stats.update(lr=lr, grad_norm=norm, finite=finite)
         return stats
 
     def run(self) -> int:
+        t = self.cfg.train
+        heartbeat = None
+        if t.heartbeat_interval > 0:
+            heartbeat = faults.Heartbeat(self, t.heartbeat_interval, self.cfg.run_dir, self.ps.rank, self.log)
+            heartbeat.start()
+        try:
+            return self._run()
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
+
+    def _run(self) -> int:
         cfg, ps = self.cfg, self.ps
         t = cfg.train
-        self._install_signal_handlers()
         max_time = parse_time(t.max_time)
         start = time.time()
         batches = self.task.train_batches(self.consumed_samples)
@@ -224,9 +307,10 @@ class Trainer:
         loss_acc, loss_n = {}, 0
         if self.step >= t.max_steps:
             self.log(f"nothing to do: already at step {self.step} >= train.max_steps={t.max_steps}")
-        last_saved = self.step
+        last_saved, save_due = self.step, False
         while self.step < t.max_steps:
             t_wait = time.perf_counter()
+            self._enter("data loading", self.step + 1)
             micro_batches = next(batches)
             thr.data_wait += time.perf_counter() - t_wait
             t_step = time.perf_counter()
@@ -235,13 +319,10 @@ class Trainer:
             self.consumed_samples += t.global_batch_size
             thr.add(t.global_batch_size)
             step_times.append(time.perf_counter() - t_step)
+            self.last_step_time = time.monotonic()
             if not stats["finite"]:
                 skipped += 1
                 bad_steps += 1
-                if not self.scaler.enabled and bad_steps >= t.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {self.step}): "
-                        f"stopping; the last good checkpoint is kept — lower train.lr or use train.precision=fp32")
             else:
                 bad_steps = 0
                 for k in ("loss", "lm_loss", "binary_loss"):
@@ -270,11 +351,21 @@ class Trainer:
                 self.writer.train_line(rec, t.max_steps, avg * (t.max_steps - self.step))
                 loss_acc, loss_n, skipped = {}, 0, 0
 
+            if not self.scaler.enabled and bad_steps >= t.max_bad_steps:  # the same on every rank
+                with contextlib.suppress(CheckpointError):
+                    self._wait_async_save()  # a pending background save is of a good step: let it land
+                raise TrainingStopped(
+                    f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {self.step}): "
+                    f"stopping; {self._kept()} — lower train.lr or use train.precision=fp32")
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                self._enter("evaluation", self.step)
                 self.run_eval()
-            if cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0:
+            # A save falling on a non-finite bf16/fp32 step waits for the next finite one (fp16 skips are routine).
+            save_due = save_due or bool(cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0)
+            if save_due and (stats["finite"] or self.scaler.enabled):
                 self.save()
-                last_saved = self.step
+                last_saved, save_due = self.step, False
+            self._enter("stop-flag all-reduce", self.step)
             reason = self._should_stop(start, max_time)
             if reason:
                 self.stop_reason = reason
@@ -282,7 +373,11 @@ class Trainer:
                 break
         if self.step != last_saved:
             self.save()
-        if getattr(self, "_async_saver", None) is not None:  # wait for the pending async save (raises its error)
+        if self._async_saver is not None:  # wait for the pending async save (raises its error)
+            try:
+                self._wait_async_save()
+            except CheckpointError as e:
+                raise self._save_failed(e) from None
             self._async_saver.close()
             self._async_saver = None
         final = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
