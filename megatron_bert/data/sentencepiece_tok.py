@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from .tokenizer_base import TokenizerBase
+
 WORD_START = "\u2581"  # '▁', SentencePiece's "a space preceded this piece" marker
 
 # Candidate piece spellings for each special role, ours first, then common ones (ALBERT, T5, XLNet).
@@ -19,7 +21,7 @@ _ROLE_PIECES = {
 }
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(TokenizerBase):
     def __init__(self, model_file, lower_case=None):
         self.model_file = str(model_file)
         try:
@@ -58,10 +60,6 @@ class SentencePieceTokenizer:
         return None
 
     @property
-    def vocab_size(self):
-        return len(self.inv_vocab)
-
-    @property
     def word_start_mask(self):
         if self._word_start is None:
             m = np.array([p.startswith(WORD_START) for p in self.inv_vocab], dtype=bool)
@@ -95,13 +93,6 @@ class SentencePieceTokenizer:
                 s += 1
             out.append((s, e))
         return ids, out
-
-    def tokenize(self, text):
-        return self.convert_ids_to_tokens(self.encode(text))
-
-    def convert_ids_to_tokens(self, ids):
-        inv = self.inv_vocab
-        return [inv[int(i)] for i in ids]
 
     def convert_tokens_to_ids(self, tokens):
         return [self.sp.piece_to_id(t) for t in tokens]

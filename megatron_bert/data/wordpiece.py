@@ -32,6 +32,8 @@ import unicodedata
 import numpy as np
 import regex
 
+from .tokenizer_base import TokenizerBase
+
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]")
 
 # Whitespace that separates words. Other White_Space chars (\x0b, \x0c, \x85) are control chars and
@@ -69,7 +71,7 @@ def _ascii_pretokenizer(specials):
     return re.compile("|".join(alts))
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(TokenizerBase):
     """BERT WordPiece over a `vocab.txt` (one token per line, id = line number)."""
 
     def __init__(self, vocab_file, lower_case=None, strip_accents=None, max_chars_per_word=100):
@@ -96,10 +98,6 @@ class WordPieceTokenizer:
         self._word_start = None
 
     # ----------------------------------------------------------------- interface
-    @property
-    def vocab_size(self):
-        return len(self.inv_vocab)
-
     @property
     def word_start_mask(self):
         if self._word_start is None:
@@ -128,13 +126,6 @@ class WordPieceTokenizer:
             else:
                 offsets.extend([(base + s, base + e) for s, e in spans])
         return ids, offsets
-
-    def tokenize(self, text):
-        return self.convert_ids_to_tokens(self.encode(text))
-
-    def convert_ids_to_tokens(self, ids):
-        inv = self.inv_vocab
-        return [inv[int(i)] for i in ids]
 
     def convert_tokens_to_ids(self, tokens):
         return [self.vocab.get(t, self.unk_id) for t in tokens]
