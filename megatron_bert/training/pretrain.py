@@ -44,7 +44,9 @@ class PretrainTask:
                 if prefix is None:
                     if d.name != "quickstart":
                         raise ValueError("data.prefix is not set: give data.prefix=PATH (from megatron_bert.preprocess)")
-                    built = prepare_quickstart(d.cache_dir or "data_cache/quickstart", log=self.log)
+                    # One process: forking worker pools from a rank that already runs torch.distributed
+                    # threads can deadlock the child (seen in CI); the corpus is small anyway.
+                    built = prepare_quickstart(d.cache_dir or "data_cache/quickstart", workers=1, log=self.log)
                     prefix, tokenizer = built["prefix"], tokenizer or built["tokenizer"]
                 if tokenizer is None:
                     raise ValueError("data.tokenizer is not set: give data.tokenizer=vocab.txt or a .model file")
