@@ -68,12 +68,20 @@ def load_json(path: str) -> Any:
                             "fix the JSON syntax (a JSON checker such as `python -m json.tool` shows it)") from None
 
 
-def find_file(data_dir: str, candidates: tuple[str, ...], what: str) -> str:
-    """First existing file among `candidates` inside `data_dir`."""
+def find_optional_file(data_dir: str, candidates: tuple[str, ...]) -> str | None:
+    """First existing file among `candidates` inside `data_dir`, or None."""
     for name in candidates:
         path = os.path.join(data_dir, name)
         if os.path.exists(path):
             return path
+    return None
+
+
+def find_file(data_dir: str, candidates: tuple[str, ...], what: str) -> str:
+    """First existing file among `candidates` inside `data_dir` (a TaskDataError when none exists)."""
+    path = find_optional_file(data_dir, candidates)
+    if path is not None:
+        return path
     raise TaskDataError(data_dir, f"no {what} file found (looked for {', '.join(candidates)})",
                         "put the file there or point the task's data directory at the right folder")
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import (IGNORE_INDEX, INPUT_FIELDS, TaskDataError, TaskDataset, TaskSpec, check_max_seq_length,
-                     find_file, pad_features, read_text_lines, register_task, snippet, stack_features)
+                     find_file, find_optional_file,
+                     pad_features, read_text_lines, register_task, snippet, stack_features)
 from .metrics import entity_scores
 
 _TAG = re.compile(r"^(O|[BIESLU][-_]\S+)$")
@@ -97,10 +98,9 @@ class NerTask(TaskSpec):
     def data_files(self, data_dir: str) -> dict[str, str]:
         files = {"train": find_file(data_dir, ("train.txt", "train.conll", "eng.train"), "train"),
                  "valid": find_file(data_dir, ("dev.txt", "valid.txt", "dev.conll", "eng.testa"), "validation")}
-        for name in ("test.txt", "test.conll", "eng.testb"):
-            if os.path.exists(os.path.join(data_dir, name)):
-                files["test"] = os.path.join(data_dir, name)
-                break
+        test = find_optional_file(data_dir, ("test.txt", "test.conll", "eng.testb"))
+        if test is not None:
+            files["test"] = test
         return files
 
     def load_examples(self, path: str) -> list[NerExample]:

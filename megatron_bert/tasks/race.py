@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import (IGNORE_INDEX, INPUT_FIELDS, TaskDataError, TaskDataset, TaskSpec, check_max_seq_length,
-                     encode_pair, find_file, load_json, read_text_lines, register_task, snippet, write_jsonl)
+                     encode_pair, find_file, find_optional_file,
+                     load_json, read_text_lines, register_task, snippet, write_jsonl)
 from .metrics import accuracy
 
 LETTERS = "ABCDEFGHIJ"
@@ -141,10 +142,9 @@ class RaceTask(TaskSpec):
     def data_files(self, data_dir: str) -> dict[str, str]:
         files = {"train": find_file(data_dir, ("train", "train.json", "train.jsonl"), "train"),
                  "valid": find_file(data_dir, ("dev", "valid", "dev.json", "dev.jsonl"), "validation")}
-        for name in ("test", "test.json", "test.jsonl"):
-            if os.path.exists(os.path.join(data_dir, name)):
-                files["test"] = os.path.join(data_dir, name)
-                break
+        test = find_optional_file(data_dir, ("test", "test.json", "test.jsonl"))
+        if test is not None:
+            files["test"] = test
         return files
 
     def load_examples(self, path: str) -> list[RaceExample]:
