@@ -54,14 +54,16 @@ class SyntheticPretrainTask(PretrainTask):
             for i in range(mb):
                 mask[i, s - (i * 37) % (s // 4):] = 0
         labels = torch.full((mb, s), -100)
-        pick = (torch.rand(mb, s, generator=g) < 0.15) & mask.bool()
-        labels[pick] = ids[pick]
+        for i in range(mb):  # the data pipeline's budget: round(15% of the real tokens) targets per sample
+            real = int(mask[i].sum())
+            pick = 1 + torch.randperm(real - 1, generator=g)[:max(1, round(0.15 * real))]
+            labels[i, pick] = ids[i, pick]
         batch = dict(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels,
                      binary_label=torch.randint(0, 2, (mb,), generator=g),
                      sample_id=torch.arange(first_id, first_id + mb))
         if self.ps.device.type == "cuda":
             batch = {k: v.pin_memory() for k, v in batch.items()}
-        return batch
+        return self.model_inputs(batch)
 
     def train_batches(self, consumed_samples):
         t = self.cfg.train
@@ -87,6 +89,7 @@ def main():
     p.add_argument("--dropout-impl", default="native", choices=["native", "keyed"])
     p.add_argument("--compile", action="store_true", help="torch.compile each layer")
     p.add_argument("--compile-mode", default="default")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the whole step as CUDA graphs")
     p.add_argument("--recompute", default="none")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--pad", action="store_true", help="padded batches (masked attention)")
@@ -108,7 +111,7 @@ def main():
     cfg.parallel.update(tensor=a.tp, sequence_parallel=a.sp, recompute=a.recompute, dropout_impl=a.dropout_impl)
     cfg.data.update(seq_length=a.seq, binary_head="sop")
     cfg.train.update(global_batch_size=a.batch, micro_batch_size=mb, precision=a.precision, device=a.device,
-                     compile=a.compile, compile_mode=a.compile_mode, max_steps=a.warmup + a.iters, lr=1e-4, log_interval=10**9,
+                     compile=a.compile, compile_mode=a.compile_mode, cuda_graph=a.cuda_graph, max_steps=a.warmup + a.iters, lr=1e-4, log_interval=10**9,
                      eval_interval=10**9)
     cfg.checkpoint.update(dir=None, resume="none")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -130,8 +133,8 @@ def main():
         step()
     sync()
     warm_s = time.perf_counter() - t_compile
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    # Peak memory over the whole run (warm-up and graph capture included): after a capture the
+    # activations live in the graph's private pool, which a peak reset here would stop counting.
     t0 = time.perf_counter()
     for _ in range(a.iters):
         step()
@@ -141,19 +144,22 @@ def main():
     if a.profile and ps.is_main and cuda:
         from torch.profiler import ProfilerActivity, profile
 
+        from profile_summary import print_summary, summarize
+
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        print_summary(summarize(prof, 2), a.tag)
 
     fl = flops_per_sequence(L, h, a.seq, a.vocab) * a.batch
     if ps.is_main:
         r = dict(which="ours", tag=a.tag, tp=a.tp, dp=dp, sp=a.sp, model=a.model, seq=a.seq, batch=a.batch,
-                 micro_batch=mb, dropout=a.dropout_impl, compile=a.compile and a.compile_mode, recompute=a.recompute, pad=a.pad,
+                 micro_batch=mb, dropout=a.dropout_impl, compile=a.compile and a.compile_mode, cuda_graph=a.cuda_graph, recompute=a.recompute, pad=a.pad,
                  step_ms=round(dt * 1e3, 2), seq_per_s=round(a.batch / dt, 1),
                  tflops_per_gpu=round(fl / dt / world / 1e12, 1), mfu_989=round(fl / dt / world / 989e12, 3),
                  mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                 mem_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                  warmup_s=round(warm_s, 1), gpu=torch.cuda.get_device_name() if cuda else "cpu")
         print("RESULT", json.dumps(r), flush=True)
     ps.destroy()

@@ -6,6 +6,8 @@ exponentials. Label smoothing adds the sum of all logits.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -66,19 +68,42 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _local_cross_entropy(logits, target, ignore_index: int, label_smoothing: float):
+    """The same loss for an unsplit vocabulary in plain torch ops (autograd derives the backward)."""
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    ignored = target == ignore_index
+    target_logit = logits.gather(-1, target.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1)
+    loss = log_z - target_logit
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * (logits.mean(dim=-1) - log_z)
+    return loss.masked_fill(ignored, 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_local_cross_entropy():
+    # Inductor turns the fp32 passes over [tokens, V] (upcast, max, exp, sum, softmax grad) into one
+    # reduction forward and one pointwise kernel backward, and keeps no fp32 softmax for backward.
+    return torch.compile(_local_cross_entropy)
+
+
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
     group=None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Per-token loss ``[...]`` (0 at ignored positions) from vocab-parallel logits ``[..., V/tp]``.
 
     The returned gradient has the logits' dtype cast by autograd; math is fp32 throughout.
+    ``compiled`` (GPU): with one rank in the group, use a torch.compile'd kernel pair instead.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
+    if compiled and comm.group_size(group) == 1:
+        return _compiled_local_cross_entropy()(logits, target, ignore_index, label_smoothing)
     return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, label_smoothing)

@@ -77,18 +77,27 @@ def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type
         if ps.tp_size > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.tp_group)
         return local
-    grads = [p.grad.detach() for p in params]
+    # Replicated params count on TP rank 0 only. Elsewhere they still enter the sum times 0, and
+    # 0 * NaN = NaN, so a non-finite replicated grad on any rank poisons the global norm (skipped
+    # step). Two fused multi-tensor norms, no host→device copy: the whole thing can be graph-captured.
+    counted = [p.grad.detach() for p in params if is_tp_sharded(p) or ps.tp_rank == 0]
+    poison_only = [p.grad.detach() for p in params if not (is_tp_sharded(p) or ps.tp_rank == 0)]
     total = torch.zeros((), dtype=torch.float32, device=device)
-    if grads:
-        # One fused multi-tensor kernel instead of a Python loop of per-parameter norms.
-        powers = torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float32)).pow(norm_type)
-        # Replicated params count on TP rank 0 only; elsewhere their weight is 0, and 0 * NaN = NaN,
-        # so a non-finite replicated grad on any rank still poisons the global norm (skipped step).
-        weight = torch.tensor([1.0 if is_tp_sharded(p) or ps.tp_rank == 0 else 0.0 for p in params],
-                              device=powers.device)
-        total = (powers * weight).sum()
+    if counted:
+        total = total + torch.stack(torch._foreach_norm(counted, norm_type, dtype=torch.float32)).pow(norm_type).sum()
+    if poison_only:
+        total = total + torch.stack(torch._foreach_norm(poison_only, norm_type, dtype=torch.float32)).sum() * 0.0
     comm.all_reduce(total, ps.tp_group)
     return total ** (1.0 / norm_type)
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that brings grads of global norm ``norm`` down to ``max_norm`` (never above 1; 1 when
+    the norm is non-finite or clipping is off), as a device tensor: no host synchronisation."""
+    if max_norm <= 0:
+        return torch.ones_like(norm)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
 
 
 def clip_grad_norm_(
@@ -100,8 +109,6 @@ def clip_grad_norm_(
     """
     params = [p for p in params if p.grad is not None]
     norm = grad_norm(params, ps, norm_type)
-    if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        if torch.isfinite(norm):
-            torch._foreach_mul_([p.grad for p in params], coef)
+    if max_norm > 0 and params:
+        torch._foreach_mul_([p.grad for p in params], clip_coefficient(norm, max_norm))
     return norm

@@ -23,3 +23,111 @@ def test_tp2_matches_tp1_in_bf16_on_two_gpus():
     for step, (a, b) in enumerate(zip(r["tp1"], r["tp2"]), 1):
         assert abs(a - b) <= 2e-2 * abs(a), f"step {step}: TP=2 loss {b} vs TP=1 {a} (bf16 tolerance 2%)"
     assert r["tp1"][-1] < r["tp1"][0]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("pad", [True, False])
+def test_cuda_graph_step_matches_eager(pad):
+    """Without dropout a replayed step computes what the eager step computes, step after step
+    (two eager warm-up steps, then the captured graph replays with new batches and a changing model)."""
+    from gpu_steps import step_losses
+
+    eager, _ = step_losses(cuda_graph=False, dropout=0.0, pad=pad)
+    graphed, trainer = step_losses(cuda_graph=True, dropout=0.0, pad=pad)
+    assert trainer.step_graphs.replays == len(graphed) - 2
+    assert len(trainer.step_graphs.graphs) == 1
+    for step, (a, b) in enumerate(zip(eager, graphed), 1):
+        assert abs(a - b) <= 1e-3 * abs(a), f"step {step}: graphed loss {b} vs eager {a}"
+    assert graphed[-1] < graphed[0]
+
+
+@needs_cuda
+def test_cuda_graph_replays_draw_fresh_dropout_masks():
+    """With the model held still (lr ~ 0) the same batch comes back every other step: its loss must
+    change from replay to replay when dropout is on (fresh masks), and must not when it is off."""
+    from gpu_steps import step_losses
+
+    with_dropout, trainer = step_losses(cuda_graph=True, dropout=0.1, lr=1e-30, steps=9)
+    without, _ = step_losses(cuda_graph=True, dropout=0.0, lr=1e-30, steps=9)
+    assert trainer.step_graphs.replays == 7
+    same_batch = [2, 4, 6, 8]  # 0-based steps that replay batch 0 of the stream
+    assert len({round(without[i], 6) for i in same_batch}) == 1, without
+    assert len({round(with_dropout[i], 6) for i in same_batch}) == len(same_batch), with_dropout
+
+
+@needs_cuda
+def test_triton_bias_gelu_matches_float64_both_ways_and_compiles():
+    from megatron_bert.model import gelu_kernels
+
+    assert gelu_kernels.available()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, n = 4096 + 13, 4096  # a ragged last row block
+    x = torch.randn(rows, n, device="cuda", generator=g).bfloat16()
+    b = torch.randn(n, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(rows, n, device="cuda", generator=g).bfloat16()
+
+    def rel(a, ref):
+        return ((a.double() - ref).norm() / ref.norm()).item()
+
+    x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
+    y64 = torch.nn.functional.gelu(x64 + b64)
+    y64.backward(dy.double())
+    for fn in (gelu_kernels.bias_gelu, torch.compile(lambda u, v: gelu_kernels.bias_gelu(u, v) * 1.0, fullgraph=True)):
+        xt, bt = x.clone().requires_grad_(), b.clone().requires_grad_()
+        y = fn(xt, bt)
+        y.backward(dy)
+        assert y.dtype == xt.grad.dtype == bt.grad.dtype == torch.bfloat16
+        assert rel(y, y64) < 4e-3 and rel(xt.grad, x64.grad) < 4e-3 and rel(bt.grad, b64.grad) < 4e-3
+
+
+@needs_cuda
+def test_compiled_cross_entropy_matches_the_vocab_parallel_function_on_gpu():
+    from parallel import vocab_parallel_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (3 * torch.randn(3000, 30592, device="cuda", generator=g)).bfloat16()
+    target = torch.randint(0, 30592, (3000,), device="cuda", generator=g)
+    target[::7] = -100
+    runs = []
+    for compiled in (False, True):
+        x = logits.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(x, target, None, compiled=compiled)
+        loss.sum().backward()
+        runs.append((loss, x.grad.float()))
+    (l0, g0), (l1, g1) = runs
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    assert ((g1 - g0).norm() / g0.norm()).item() < 1e-2  # both grads are rounded to bf16
+
+
+@needs_cuda
+def test_cuda_graph_run_saves_in_the_background_and_resumes(tmp_path):
+    """The CLI on real (padded) data with train.cuda_graph=true, bf16, async checkpoints (pinned
+    staging): a run resumed from its step-6 checkpoint re-captures and continues the same losses."""
+    import shutil
+
+    from train_fixtures import base_overrides, build_dataset, metrics, train
+
+    data = build_dataset(tmp_path / "data")
+    common = {"train.device": "cuda", "train.precision": "bf16", "train.cuda_graph": "true", "train.max_steps": 12,
+              "model.hidden_size": 128, "train.micro_batch_size": 8, "train.global_batch_size": 16,
+              "checkpoint.async_save": "true", "checkpoint.save_interval": 6}
+    ref_dir = tmp_path / "ref"
+    res = train(base_overrides(data, ref_dir, **common))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train.cuda_graph: captured the training step" in res.stdout + res.stderr
+    ckpts = ref_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip().endswith("step_12") and (ckpts / "step_6").is_dir()
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts / "step_6", resumed_dir / "checkpoints" / "step_6")
+    (resumed_dir / "checkpoints" / "latest").write_text("step_6")
+    res = train(base_overrides(data, resumed_dir, **common))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = {r["step"]: r["loss"] for r in metrics(ref_dir)}
+    again = {r["step"]: r["loss"] for r in metrics(resumed_dir)}
+    assert sorted(again) == list(range(7, 13))
+    for step in again:
+        assert abs(again[step] - ref[step]) <= 2e-3 * abs(ref[step]), (step, again[step], ref[step])

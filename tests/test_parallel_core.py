@@ -119,3 +119,21 @@ def test_grad_norm_sees_a_nan_in_replicated_grads_on_any_tp_rank():
     assert torch.isnan(grad_norm([rep, shard], on_rank1))
     rep.grad = torch.full((3,), 5.0)
     assert torch.allclose(grad_norm([rep, shard], on_rank1), torch.tensor(2.0 ** 0.5))  # rep not counted here
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_plain_torch_cross_entropy_matches_the_vocab_parallel_function(smoothing):
+    """The one-rank formula that ``compiled=True`` hands to torch.compile on GPU (tests/test_gpu.py
+    runs it compiled) computes the vocab-parallel Function's loss and gradient."""
+    from parallel.cross_entropy import _local_cross_entropy, vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 97, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 97, (40,), generator=g)
+    target[::5] = -100
+    want = vocab_parallel_cross_entropy(logits, target, None, label_smoothing=smoothing)
+    got = _local_cross_entropy(logits, target, -100, smoothing)
+    assert torch.equal(got[::5], torch.zeros(8, dtype=got.dtype))
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=1e-6)
+    (g_want,), (g_got,) = torch.autograd.grad(want.sum(), logits), torch.autograd.grad(got.sum(), logits)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-7)

@@ -2,11 +2,14 @@
 
 Eager versions are plain torch; ``compiled(fn)`` hands them to torch.compile (Inductor fuses each
 into a single pass over memory). Compilation is opt-in (``ModelRuntime.fuse_elementwise``) and
-falls back to eager if it is unavailable.
+falls back to eager if it is unavailable. bias + erf-GeLU has its own Triton kernels
+(gelu_kernels.py), used where Triton and a GPU are there (``MEGATRON_BERT_TRITON_GELU=0`` turns
+them off, for A/B benchmarks).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +41,13 @@ def compiled(fn):
         return torch.compile(fn, dynamic=False, fullgraph=True)
     except Exception:  # no compiler backend available: stay eager
         return fn
+
+
+def fused_bias_activation(name: str):
+    """The GPU epilogue ``act(x + bias)`` for activation ``name``."""
+    if name == "gelu" and os.environ.get("MEGATRON_BERT_TRITON_GELU", "1") != "0":
+        from . import gelu_kernels
+
+        if gelu_kernels.available():
+            return gelu_kernels.bias_gelu
+    return compiled(BIAS_ACT[name])

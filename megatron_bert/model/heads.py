@@ -63,7 +63,8 @@ def _mlm(lm_head: LMHead, bert: MegatronBertModel, hidden_sbh, labels, only_mask
     """Logits (all positions, or only labelled ones) and the mean / summed MLM loss.
 
     ``lm_positions``: flat indices (into ``[b * s]``) of the labelled tokens, computed on the host by
-    the data loader so selecting them needs no device→host sync.
+    the data loader so selecting them needs no device→host sync. It may also name unlabelled
+    positions (padding to a fixed count): their target is -100, which the loss ignores.
     """
     hidden = hidden_sbh.transpose(0, 1)  # [b, s, h]
     word = bert.embeddings.word_embeddings.weight
@@ -74,12 +75,11 @@ def _mlm(lm_head: LMHead, bert: MegatronBertModel, hidden_sbh, labels, only_mask
             lm_positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
         picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, lm_positions)  # [n, h]
         logits = lm_head(picked, word)  # [n, V/tp]
-        token_loss = vocab_parallel_cross_entropy(logits, labels.reshape(-1).index_select(0, lm_positions),
-                                                  bert.ps.tp_group)
+        labels = labels.reshape(-1).index_select(0, lm_positions)  # [n]
     else:
         logits = lm_head(hidden, word)  # [b, s, V/tp]
-        token_loss = vocab_parallel_cross_entropy(logits, labels, bert.ps.tp_group)
-    tokens = (labels != -100).sum() if lm_positions is None else torch.tensor(lm_positions.numel(), device=labels.device)
+    token_loss = vocab_parallel_cross_entropy(logits, labels, bert.ps.tp_group, compiled=bert.rt.fuse_elementwise)
+    tokens = (labels != -100).sum()
     loss_sum = token_loss.sum()
     return logits, loss_sum / tokens.clamp(min=1), loss_sum, tokens
 

@@ -21,7 +21,7 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
-from .fused import BIAS_ACT, bias_dropout_add, compiled
+from .fused import bias_dropout_add, compiled, fused_bias_activation
 from .norm import make_layernorm
 
 _ACTIVATIONS = {
@@ -121,7 +121,7 @@ class MLP(nn.Module):
             cfg.ffn_hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel,
             skip_bias_add=fuse)
         self.act = _ACTIVATIONS[cfg.activation]
-        self.bias_act = compiled(BIAS_ACT[cfg.activation]) if fuse else None
+        self.bias_act = fused_bias_activation(cfg.activation) if fuse else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [s, b, h] → [s, b, h] (bias of dense_4h_to_h left to the caller when fused)

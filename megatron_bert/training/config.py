@@ -115,6 +115,7 @@ class TrainSchema:
     heartbeat_interval: float = 60.0  # seconds; 0 = off (RELIABILITY.md)
     compile: bool = False  # GPU: torch.compile each transformer layer (fuses the elementwise work)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    cuda_graph: bool = False  # GPU, pretraining: capture the whole training step as CUDA graphs and replay it
 
 
 @dataclass
@@ -272,6 +273,12 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if not 0 <= cfg.optim.warmup_fraction <= 1:
         raise ConfigError(f"optim.warmup_fraction={cfg.optim.warmup_fraction} must be in [0, 1]")
     parse_time(tr.max_time)
+    if tr.cuda_graph and cfg.task.name != "pretrain":
+        raise ConfigError(f"train.cuda_graph=true supports task=pretrain only (got task={cfg.task.name}): "
+                          "drop train.cuda_graph for fine-tuning")
+    if tr.cuda_graph and tr.precision == "fp16":
+        raise ConfigError("train.cuda_graph=true does not support train.precision=fp16 (its loss scale is decided "
+                          "on the host each step): use train.precision=bf16")
     if cfg.parallel.sequence_parallel and cfg.data.seq_length % t:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tensor={t} "
                           "with parallel.sequence_parallel=true")

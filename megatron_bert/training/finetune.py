@@ -32,7 +32,7 @@ from ..model import HEADS
 from .config import ConfigError
 from .finetune_data import FinetuneLoader
 from .finetune_eval import FinetuneEvaluation
-from .pretrain import _dp_sum
+from .pretrain import _dp_sum, _dp_sum_
 
 # Keys of the model config taken from the checkpoint the weights come from (vocab_size is checked
 # against the tokenizer instead, dropout stays a fine-tuning choice).
@@ -352,7 +352,7 @@ class FinetuneTask(FinetuneEvaluation):
             loss_sum = self._loss_sum(self._logits(out), self._labels(mb, ps.device))
             backward(loss_sum / norm)
             total += loss_sum.detach().double()
-        loss = _dp_sum([total.item()], ps, ps.device)[0] / norm
+        loss = _dp_sum_(total, ps) / norm  # a device scalar: the trainer reads all statistics at once
         return {"loss": loss, "examples" if self.head != "token_classification" else "tokens": norm}
 
     def checkpoint_meta(self) -> dict:

@@ -26,14 +26,44 @@ def _apex_fused_adam():
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device: torch.device,
-                    substitute: dict | None = None):
+                    substitute: dict | None = None, capturable: bool = False):
+    """AdamW: apex's FusedAdam on GPU when importable, else torch's fused kernel; a plain loop on CPU.
+
+    ``capturable`` (CUDA graphs) always takes torch's fused AdamW with the LR as a device tensor: the
+    captured kernel reads the LR from memory, so the schedule changes it in place between replays."""
     groups = param_groups(model, weight_decay, substitute)
     if device.type == "cuda":
-        fused = _apex_fused_adam()
+        fused = None if capturable else _apex_fused_adam()
         if fused is not None:
             return fused(groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
+        if capturable:
+            return torch.optim.AdamW(groups, lr=torch.tensor(lr, device=device), betas=betas, eps=eps,
+                                     fused=True, capturable=True)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+def _skips_on_device(optimizer) -> bool:
+    """torch's fused AdamW divides the grads by ``grad_scale`` and skips the update where ``found_inf``
+    is 1 inside its own kernel: clipping and the non-finite skip then cost no pass and no host sync."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def step_if_finite(optimizer, params, coef: torch.Tensor, finite: torch.Tensor) -> None:
+    """AdamW step on the grads times ``coef`` (the clip coefficient), skipped where ``finite`` is False.
+
+    ``optimizer`` is an optimizer or a :class:`MasterWeightsOptimizer`; ``params`` what it updates."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if _skips_on_device(inner):
+        inner.grad_scale = coef.reciprocal()
+        inner.found_inf = (~finite).float()
+        optimizer.step()
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, coef)
+    if bool(finite):  # a host decision: one sync (free on CPU)
+        optimizer.step()
 
 
 class LRSchedule:
@@ -58,7 +88,10 @@ class LRSchedule:
     def apply(self, optimizer, step: int) -> float:
         lr = self(step)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            if isinstance(g["lr"], torch.Tensor):  # a capturable optimizer reads it from device memory
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
         return lr
 
 
@@ -135,15 +168,23 @@ class MasterWeightsOptimizer:
             m.grad = None
 
     def accumulate_grads(self) -> None:
+        """Low-precision grads → fp32 master grads (copy on the first micro-batch, add after), in
+        multi-tensor kernels: one launch for ~300 tensors instead of one each."""
         with torch.no_grad():
+            fresh, acc = ([], []), ([], [])
             for p, m in zip(self.model_params, self.masters):
                 if p.grad is None:
                     continue
                 if m.grad is None:
-                    m.grad = p.grad.float()
+                    m.grad = torch.empty_like(m)
+                    fresh[0].append(m.grad), fresh[1].append(p.grad)
                 else:
-                    m.grad.add_(p.grad)
+                    acc[0].append(m.grad), acc[1].append(p.grad)
                 p.grad = None
+            if fresh[0]:
+                torch._foreach_copy_(*fresh)
+            if acc[0]:
+                torch._foreach_add_(*acc)
 
     def step(self) -> None:
         self.optimizer.step()

@@ -6,6 +6,7 @@ same gradient — the reason a TP=2×DP=2 run tracks a TP=1 run to 1e-5.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -15,14 +16,16 @@ from parallel import ParallelState
 
 from ..model import MegatronBertForPreTraining, gather_lm_logits
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "sample_ids")
-
 
 def _dp_sum(values: list[float], ps: ParallelState, device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return _dp_sum_(torch.tensor(values, dtype=torch.float64, device=device), ps).tolist()
+
+
+def _dp_sum_(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Sum a device tensor over the data-parallel group, in place (no host synchronisation)."""
     if ps.dp_size > 1:
         dist.all_reduce(t, group=ps.dp_group)
-    return t.tolist()
+    return t
 
 
 class PretrainTask:
@@ -62,51 +65,73 @@ class PretrainTask:
         return self.tokenizer.vocab_size
 
     def train_batches(self, consumed_samples: int):
+        """Steps of this rank's micro-batches, each already turned into model inputs on the host."""
         from ..data import PretrainingLoader
 
         t = self.cfg.train
-        return iter(PretrainingLoader(
+        loader = PretrainingLoader(
             self.train_ds, t.global_batch_size, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size,
             consumed_samples=consumed_samples, num_workers=self.cfg.data.num_workers,
-            pin_memory=self.ps.device.type == "cuda"))
+            pin_memory=self.ps.device.type == "cuda")
+        return ([self.model_inputs(mb) for mb in step] for step in loader)
 
     # ------------------------------------------------------------------ model
     def build_model(self, model_cfg, rt, tracker):
         return MegatronBertForPreTraining(model_cfg, self.ps, rt, tracker=tracker)
 
-    def _inputs(self, mb):
-        dev = self.ps.device
-        x = {k: mb[k].to(dev, non_blocking=True) for k in ("input_ids", "token_type_ids", "labels")}
-        x["sample_ids"] = mb["sample_id"].to(dev, non_blocking=True)
-        # Decided on the host (no device sync): no padding → no mask → flash attention on GPU.
-        x["attention_mask"] = None if bool(mb["attention_mask"].all()) else mb["attention_mask"].to(dev, non_blocking=True)
-        x["lm_positions"] = (mb["labels"].reshape(-1) != -100).nonzero().squeeze(1).to(dev, non_blocking=True)
+    def lm_capacity(self, batch: int, seq_len: int) -> int | None:
+        """On GPU, the fixed number of MLM target slots per micro-batch: the masking budget is at most
+        ceil(seq_len * masked_lm_prob) per sample (data/masking.py), so static shapes hold every batch."""
+        if self.ps.device.type != "cuda":
+            return None
+        return batch * min(seq_len, max(1, math.ceil(seq_len * self.cfg.data.masked_lm_prob)))
+
+    def model_inputs(self, mb) -> dict:
+        """A collated micro-batch → the model's keyword inputs, decided on the host so the device never
+        waits: no padding → no mask (flash attention on GPU); ``lm_positions`` = flat indices of the
+        MLM targets, on GPU padded to :meth:`lm_capacity` with an unlabelled position (the loss ignores
+        it), so that every step has the same shapes (CUDA graphs, no recompiles)."""
+        labels = mb["labels"]
+        flat = labels.reshape(-1)
+        positions = (flat != -100).nonzero().squeeze(1)
+        cap = self.lm_capacity(*labels.shape)
+        if cap is not None and positions.numel() < cap:
+            filler = (flat == -100).nonzero()[0]
+            positions = torch.cat([positions, filler.expand(cap - positions.numel())])
+        x = {"input_ids": mb["input_ids"], "token_type_ids": mb["token_type_ids"], "labels": labels,
+             "sample_ids": mb["sample_id"], "lm_positions": positions,
+             "attention_mask": None if bool(mb["attention_mask"].all()) else mb["attention_mask"]}
         if self.use_binary:
-            x["next_sentence_label"] = mb["binary_label"].to(dev, non_blocking=True)
+            x["next_sentence_label"] = mb["binary_label"]
         return x
+
+    def _on_device(self, x: dict) -> dict:
+        dev = self.ps.device
+        return {k: None if v is None else v.to(dev, non_blocking=True) for k, v in x.items()}
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, model, micro_batches, backward, autocast) -> dict:
-        """Forward + backward over this rank's micro-batches; returns DP-reduced step statistics."""
+        """Forward + backward over this rank's micro-batches (model inputs, on the host or already on
+        the device). Returns DP-reduced statistics as device scalars; nothing here waits for the host."""
         ps, G = self.ps, self.cfg.train.global_batch_size
-        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        global_tokens = max(1.0, _dp_sum([local_tokens], ps, ps.device)[0])
-        lm_sum = torch.zeros((), dtype=torch.float64, device=ps.device)
-        bin_sum = torch.zeros((), dtype=torch.float64, device=ps.device)
-        for mb in micro_batches:
+        inputs = [self._on_device(x) for x in micro_batches]
+        tokens = torch.stack([(x["labels"] != -100).sum() for x in inputs]).sum().double()
+        global_tokens = _dp_sum_(tokens, ps).clamp(min=1.0)
+        sums = torch.zeros(2, dtype=torch.float64, device=ps.device)  # MLM loss sum, binary loss sum
+        for x in inputs:
             with autocast():
-                out = model(**self._inputs(mb), only_masked_logits=True)
-            loss = out.lm_loss_sum / global_tokens
+                out = model(**x, only_masked_logits=True)
+            loss = out.lm_loss_sum / global_tokens.float()
             if self.use_binary:
-                b = mb["input_ids"].shape[0]
+                b = x["input_ids"].shape[0]
                 loss = loss + out.binary_loss * (b / G)
-                bin_sum += out.binary_loss.detach().double() * b
-            lm_sum += out.lm_loss_sum.detach().double()
+                sums[1] += out.binary_loss.detach().double() * b
+            sums[0] += out.lm_loss_sum.detach().double()
             backward(loss)
-        lm, binary = _dp_sum([lm_sum.item(), bin_sum.item()], ps, ps.device)
-        stats = {"lm_loss": lm / global_tokens, "tokens": global_tokens}
-        stats["binary_loss"] = binary / G if self.use_binary else None
-        stats["loss"] = stats["lm_loss"] + (stats["binary_loss"] or 0.0)
+        lm_sum, bin_sum = _dp_sum_(sums, ps).unbind(0)
+        stats = {"lm_loss": lm_sum / global_tokens, "tokens": global_tokens}
+        stats["binary_loss"] = bin_sum / G if self.use_binary else None
+        stats["loss"] = stats["lm_loss"] + (stats["binary_loss"] if self.use_binary else 0.0)
         return stats
 
     @torch.no_grad()
@@ -123,14 +148,15 @@ class PretrainTask:
         try:
             for _ in range(iters):
                 for mb in next(loader):
-                    x = self._inputs(mb)
+                    x = self._on_device(self.model_inputs(mb))
                     with autocast():
                         out = model(**x, only_masked_logits=True)
                     logits = gather_lm_logits(out.prediction_logits.float(), self.ps)
-                    target = x["labels"][x["labels"] != -100]
+                    target = x["labels"].reshape(-1).index_select(0, x["lm_positions"])
+                    labelled = target != -100  # (padding slots on GPU are not)
                     sums[0] += out.lm_loss_sum.item()
-                    sums[1] += target.numel()
-                    sums[2] += (logits.argmax(-1) == target).sum().item()
+                    sums[1] += labelled.sum().item()
+                    sums[2] += ((logits.argmax(-1) == target) & labelled).sum().item()
                     if self.use_binary:
                         n = x["input_ids"].shape[0]
                         sums[3] += out.binary_loss.item() * n

@@ -1,0 +1,118 @@
+"""The pieces that keep a training step free of host decisions (so CUDA graphs can capture it):
+padded MLM target positions, the device-side clip coefficient, the skip of non-finite steps and
+the device-tensor learning rate. All on CPU; tests/test_gpu.py replays the captured step."""
+import math
+import types
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import model_checks
+from megatron_bert.config import ModelRuntime
+from megatron_bert.model import MegatronBertForPreTraining
+from megatron_bert.training.config import Schema
+from megatron_bert.training.optim import LRSchedule, step_if_finite
+from megatron_bert.training.pretrain import PretrainTask
+from parallel import ParallelState
+from parallel.grads import clip_coefficient
+
+
+def _task(device: str, masked_lm_prob=0.15):
+    cfg = OmegaConf.structured(Schema)
+    cfg.data.masked_lm_prob = masked_lm_prob
+    ps = types.SimpleNamespace(device=torch.device(device))
+    return PretrainTask(cfg, ps, print)
+
+
+def _collated(b=4, s=20, picks_per_row=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (b, s), generator=g)
+    labels = torch.full((b, s), -100)
+    for i in range(b):
+        pos = 1 + torch.randperm(s - 1, generator=g)[:picks_per_row]
+        labels[i, pos] = ids[i, pos]
+    mask = torch.ones(b, s, dtype=torch.long)
+    return dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask, labels=labels,
+                binary_label=torch.zeros(b, dtype=torch.long), sample_id=torch.arange(b))
+
+
+def test_gpu_inputs_pad_mlm_targets_to_a_fixed_count_with_unlabelled_positions():
+    mb = _collated()
+    gpu, cpu = _task("cuda").model_inputs(mb), _task("cpu").model_inputs(mb)
+    cap = 4 * math.ceil(20 * 0.15)
+    assert cpu["lm_positions"].numel() == 12 and gpu["lm_positions"].numel() == cap
+    assert torch.equal(gpu["lm_positions"][:12], cpu["lm_positions"])
+    flat = mb["labels"].reshape(-1)
+    assert (flat[gpu["lm_positions"][12:]] == -100).all()
+    assert gpu["attention_mask"] is None  # no padding → no mask (flash attention)
+    mb["attention_mask"][1, -2:] = 0
+    assert _task("cuda").model_inputs(mb)["attention_mask"] is mb["attention_mask"]
+
+
+def test_more_targets_than_the_capacity_are_kept_not_cut():
+    mb = _collated(picks_per_row=6)  # over ceil(20 * 0.15) = 3 per sample: shapes change, nothing is lost
+    assert _task("cuda").model_inputs(mb)["lm_positions"].numel() == 24
+
+
+def test_padded_target_positions_change_neither_loss_nor_gradients():
+    cfg = model_checks.tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+    batch = model_checks.make_batch()
+    flat = batch["labels"].reshape(-1)
+    positions = (flat != -100).nonzero().squeeze(1)
+    filler = (flat == -100).nonzero()[0]
+    padded = torch.cat([positions, filler.expand(7)])
+    runs = []
+    for pos in (positions, padded):
+        model = MegatronBertForPreTraining(cfg, ParallelState.single(), ModelRuntime(seed=5))
+        out = model(**batch, only_masked_logits=True, lm_positions=pos)
+        out.loss.backward()
+        runs.append((out.lm_loss_sum.detach(), out.lm_tokens, [p.grad.clone() for p in model.parameters()]))
+    (s0, t0, g0), (s1, t1, g1) = runs
+    assert int(t0) == int(t1) == positions.numel()
+    torch.testing.assert_close(s1, s0, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_clip_coefficient_on_the_device():
+    assert clip_coefficient(torch.tensor(4.0), 1.0).item() == pytest.approx(0.25, rel=1e-5)
+    assert clip_coefficient(torch.tensor(0.5), 1.0).item() == 1.0
+    assert clip_coefficient(torch.tensor(float("nan")), 1.0).item() == 1.0
+    assert clip_coefficient(torch.tensor(float("inf")), 1.0).item() == 1.0
+    assert clip_coefficient(torch.tensor(4.0), 0.0).item() == 1.0  # clipping off
+
+
+def _param(value, grad):
+    p = torch.nn.Parameter(torch.full((8,), value))
+    p.grad = torch.full((8,), grad)
+    return p
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_step_if_finite_clips_and_skips(fused):
+    """The plain loop (CPU default) scales grads then decides on the host; torch's fused AdamW (the GPU
+    path, also available on CPU) unscales and skips inside its kernel. Both must agree."""
+    def run(coef, finite):
+        p = _param(1.0, 2.0)
+        opt = torch.optim.AdamW([p], lr=0.1, fused=fused, foreach=None if fused else False)
+        step_if_finite(opt, [p], torch.tensor(coef), torch.tensor(finite))
+        return p.detach().clone(), opt
+
+    skipped, opt = run(0.5, False)
+    assert torch.equal(skipped, torch.full((8,), 1.0))
+    assert not opt.state or float(opt.state[opt.param_groups[0]["params"][0]]["step"]) == 0.0
+    clipped, _ = run(0.5, True)
+    reference = _param(1.0, 1.0)  # the same step on grads already multiplied by 0.5
+    ref_opt = torch.optim.AdamW([reference], lr=0.1, foreach=False)
+    ref_opt.step()
+    torch.testing.assert_close(clipped, reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_lr_schedule_fills_a_device_tensor_lr_in_place():
+    p = torch.nn.Parameter(torch.zeros(3))
+    lr = torch.tensor(1.0)
+    opt = torch.optim.AdamW([p], lr=lr, fused=True)
+    sched = LRSchedule(1e-3, total_steps=10, warmup_steps=2)
+    assert sched.apply(opt, 0) == pytest.approx(5e-4)
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(5e-4)
