@@ -5,3 +5,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# run SECONDS CMD...: append CMD's output to $LOG (set by the calling script), then its exit code
+run() { local t=$1; shift; echo "### $*" >> "$LOG"; timeout "$t" "$@" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"; }
