@@ -2,6 +2,7 @@
 LayerNorm, fused AdamW. Prints ``KERNEL {json}`` lines (median of CUDA-event timings).
 
     python bench/bench_kernels.py --hidden 1024 --heads 16 --seq 512 --batch 32
+    python bench/bench_kernels.py --ours-only   # launch shapes of our flat AdamW and keep-mask kernels
 """
 from __future__ import annotations
 
@@ -44,7 +45,10 @@ def main():
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--params", type=float, default=335e6)
+    p.add_argument("--ours-only", action="store_true", help="only the launch-shape sweep of our Triton kernels")
     a = p.parse_args()
+    if a.ours_only:
+        return our_kernel_shapes(int(a.params), a.seq * a.batch * a.hidden)
     dev, dt = "cuda", torch.bfloat16
     h, s, b, nh = a.hidden, a.seq, a.batch, a.heads
     hd, t = h // nh, s * b
@@ -108,6 +112,53 @@ def main():
     big_a = torch.randn(8192, 8192, device=dev, dtype=dt)
     big_b = torch.randn(8192, 8192, device=dev, dtype=dt)
     report("gemm_8192_cube", timed(lambda: big_a @ big_b), 2 * 8192**3)
+
+
+def our_kernel_shapes(n_params: int, n_act: int) -> None:
+    """Time the flat AdamW kernel over ``n_params`` elements (30 bytes each: fp32 grad, master and
+    moments read, the three written back, bf16 weight written) and the dropout keep-mask kernel over
+    an ``n_act``-element activation, for several programs sizes / warp counts."""
+    import sys
+
+    sys.path.insert(0, ".")
+    from megatron_bert.model import dropout_kernels as dk
+    from megatron_bert.training import flat_adamw as fa
+
+    dev = "cuda"
+    bufs = [torch.randn(n_params, device=dev) * 1e-2 for _ in range(3)] + [torch.rand(n_params, device=dev) * 1e-4]
+    grad, master, m, v = bufs
+    weight = torch.empty(n_params, device=dev, dtype=torch.bfloat16)
+    step, lr = torch.zeros((), device=dev), torch.full((), 1e-4, device=dev)
+    one, zero = torch.ones((), device=dev), torch.zeros((), device=dev)
+    consts = fa.kernel_constexprs(0.9, 0.999, 0.01)
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            if block // (32 * warps) < 4:
+                continue
+            c = {**consts, "BLOCK": block}
+
+            def launch():
+                fa._adamw_kernel[(triton_cdiv(n_params, block),)](
+                    master, grad, m, v, weight, step, lr, one, zero, n_params, 0.9, 0.1, 0.999, 0.001, 1e-8, 0.01,
+                    **c, num_warps=warps, enable_fp_fusion=False)
+            report("flat_adamw", timed(launch), nbytes=n_params * 30, block=block, warps=warps)
+    del bufs, grad, master, m, v, weight
+    seed = torch.tensor([1234], dtype=torch.int64, device=dev)
+    mask = torch.empty(n_act, dtype=torch.bool, device=dev)
+    thr = dk.drop_threshold(0.1)
+    for block in (256, 512, 1024, 2048):
+        for warps in (2, 4, 8):
+            if block // (32 * warps) < 1:
+                continue
+
+            def launch():
+                dk._keep_mask_kernel[(triton_cdiv(n_act, 4 * block),)](seed, mask, n_act, thr, 0, BLOCK=block,
+                                                                        num_warps=warps)
+            report("keep_mask", timed(launch), nbytes=n_act, block=block, warps=warps)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 if __name__ == "__main__":

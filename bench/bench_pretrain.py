@@ -160,7 +160,9 @@ def main():
                  tflops_per_gpu=round(fl / dt / world / 1e12, 1), mfu_989=round(fl / dt / world / 989e12, 3),
                  mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                  mem_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-                 warmup_s=round(warm_s, 1), gpu=torch.cuda.get_device_name() if cuda else "cpu")
+                 warmup_s=round(warm_s, 1), gpu=torch.cuda.get_device_name() if cuda else "cpu",
+                 triton_dropout=any(getattr(m, "masked_bda", None) is not None for m in trainer.model.modules()),
+                 flat_adamw=getattr(trainer.optimizer, "flat", None) is not None)
         print("RESULT", json.dumps(r), flush=True)
     ps.destroy()
 

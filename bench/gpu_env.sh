@@ -6,4 +6,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # run SECONDS CMD...: append CMD's output to $LOG (set by the calling script), then its exit code
-run() { local t=$1; shift; echo "### $*" >> "$LOG"; timeout "$t" "$@" >> "$LOG" 2>&1; echo "rc=$?" >> "$LOG"; }
+# and wall time
+run() {
+  local t=$1 s=$SECONDS rc; shift; echo "### $*" >> "$LOG"
+  timeout "$t" "$@" >> "$LOG" 2>&1; rc=$?; echo "rc=$rc ($((SECONDS - s)) s)" >> "$LOG"
+}

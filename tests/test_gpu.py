@@ -1,6 +1,8 @@
 """GPU tests (skipped without CUDA): TP=2 vs TP=1 losses agree in bf16 (2 GPUs); on one GPU the
 CUDA-graphed step against the eager one, fresh dropout per replay, the Triton GeLU kernels, the
-compiled cross-entropy, and a graphed bf16 run with async checkpoints resumed mid-way."""
+compiled cross-entropy, a graphed bf16 run with async checkpoints resumed mid-way, the Triton
+dropout keep-mask (alone and in a compiled layer), and a compiled run restarted on a warm Inductor
+cache. The flat AdamW's GPU tests are in test_gpu_flat_adamw.py."""
 import json
 import subprocess
 import sys
@@ -133,3 +135,75 @@ def test_cuda_graph_run_saves_in_the_background_and_resumes(tmp_path):
     assert sorted(again) == list(range(7, 13))
     for step in again:
         assert abs(again[step] - ref[step]) <= 2e-3 * abs(ref[step]), (step, again[step], ref[step])
+
+
+@needs_cuda
+def test_triton_dropout_keep_mask_statistics_and_determinism():
+    """The keep-mask kernel: drop rate p (within 6σ), a pure function of (seed, salt), independent
+    streams for the four Philox words of a call and for different salts, ragged tails filled."""
+    from megatron_bert.model import dropout_kernels
+
+    assert dropout_kernels.available()
+    n = (1 << 24) + 4097  # not a multiple of a program's 4096 bytes
+    seed = torch.tensor([20261201], dtype=torch.int64, device="cuda")
+    for p in (0.1, 0.5):
+        m = dropout_kernels.keep_mask(seed, n, p, 0)
+        assert m.dtype == torch.bool and m.shape == (n,)
+        sigma = (p * (1 - p) / n) ** 0.5
+        assert abs(m.float().mean().item() - (1 - p)) < 6 * sigma, (p, m.float().mean().item())
+        tail = m[-4097:].float().mean().item()
+        assert abs(tail - (1 - p)) < 0.05, tail
+    m = dropout_kernels.keep_mask(seed, n, 0.1, 0)
+    assert torch.equal(m, dropout_kernels.keep_mask(seed, n, 0.1, 0))
+    other = dropout_kernels.keep_mask(seed, n, 0.1, 1)
+    assert abs((m != other).float().mean().item() - 2 * 0.1 * 0.9) < 2e-3  # independent: 2p(1-p) differ
+    words = m[: (n // 4096) * 4096].view(-1, 4, 1024).float()  # the 4 words of each call, side by side
+    both = (words[:, 0] * words[:, 1]).mean().item()
+    assert abs(both - 0.9 * 0.9) < 2e-3, both
+    fresh = dropout_kernels.keep_mask(dropout_kernels.draw_seed(torch.device("cuda")), n, 0.1, 0)
+    assert abs((m != fresh).float().mean().item() - 0.18) < 2e-3
+
+
+@needs_cuda
+def test_compiled_layer_dropout_uses_the_mask_kernel_and_scales_like_torch():
+    """A compiled bf16 layer's residual epilogue with the Triton keep-mask: out = residual + keep·y/(1-p)
+    exactly (values 0 or 1/(1-p) for y = 1), drop rate p, the backward applies the same mask."""
+    from megatron_bert.config import ModelConfig, ModelRuntime
+    from megatron_bert.model.dropout import DropoutContext
+    from megatron_bert.model.transformer import TransformerLayer
+    from parallel import ParallelState
+    from parallel.init import normal_init
+
+    ps = ParallelState.single(torch.device("cuda", 0))
+    cfg = ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4, vocab_size=1000, hidden_dropout=0.25)
+    rt = ModelRuntime(dropout_impl="native", fuse_elementwise=True)
+    layer = TransformerLayer(cfg, rt, ps, 0, normal_init(0.02), normal_init(0.02))
+    assert layer.masked_bda is not None
+    dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=512, seq_offset=0)
+    y = torch.ones(512, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    residual = torch.zeros_like(y)
+    out = torch.compile(lambda a, r: layer._residual(a, torch.zeros(256, device="cuda", dtype=torch.bfloat16),
+                                                      r, dctx, 0), fullgraph=True)(y, residual)
+    values = set(out.float().unique().tolist())
+    assert values == {0.0, torch.tensor(1.0 / 0.75, dtype=torch.bfloat16).item()}, values
+    kept = (out != 0).float().mean().item()
+    assert abs(kept - 0.75) < 3e-3, kept
+    out.float().sum().backward()
+    torch.testing.assert_close(y.grad.float(), out.float())  # d out / d y = keep / (1 - p)
+
+
+@needs_cuda
+def test_a_compiled_run_starts_again_on_a_warm_inductor_cache(tmp_path):
+    """The same compiled, graphed 345M-shaped run twice on one Inductor cache: the second start must
+    not fail (torch 2.11 could not reload a cached graph holding multi-kernel reductions, which the
+    trainer turns on; it now leaves Inductor's FX graph cache off when it does)."""
+    import os
+
+    e = {**env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    cmd = [sys.executable, "bench/bench_pretrain.py", "--model", "345m", "--seq", "512", "--batch", "8",
+           "--compile", "--cuda-graph", "--warmup", "3", "--iters", "2"]
+    for attempt in (1, 2):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=e, cwd=REPO)
+        assert res.returncode == 0, f"run {attempt}: {res.stderr[-2000:]}"
+        assert '"seq_per_s"' in res.stdout

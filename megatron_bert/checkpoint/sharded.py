@@ -211,6 +211,9 @@ def _build(model, optimizer, ps: ParallelState, with_optimizer: bool = True) -> 
             sd[f"optim.{name}.step"] = st["step"]
     if masters:  # after a load: the low-precision model parameters follow their masters
         after_load.append(lambda: _copy_masters_to_model(masters))
+    hook = getattr(optimizer, "after_load", None)  # e.g. the flat AdamW re-checks its step counters
+    if callable(hook):
+        after_load.append(hook)
     return sd, after_load
 
 

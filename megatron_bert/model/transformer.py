@@ -21,7 +21,8 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
-from .fused import bias_dropout_add, compiled, fused_bias_activation
+from . import dropout_kernels
+from .fused import bias_dropout_add, bias_masked_dropout_add, compiled, fused_bias_activation
 from .norm import make_layernorm
 
 _ACTIVATIONS = {
@@ -141,11 +142,20 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, sp)
         self.mlp = MLP(cfg, rt, ps, init, out_init)
         self.fused_bda = compiled(bias_dropout_add) if rt.fuse_elementwise else None
+        self.masked_bda = None
+        if rt.fuse_elementwise and rt.dropout_impl == "native" and dropout_kernels.available():
+            self.masked_bda = compiled(bias_masked_dropout_add)
+        # Sequence-parallel shards hold different tokens: salt their masks apart (TP rank); without
+        # SP the region is replicated and every TP rank must draw the same mask.
+        self.mask_salt = ps.tp_rank if sp else 0
 
     def _residual(self, y, bias, residual, dctx: DropoutContext, site: int):
         """residual + dropout(y [+ bias]); one fused kernel on the native-dropout GPU path."""
         p = self.cfg.hidden_dropout
         if self.fused_bda is not None:
+            if dctx.impl == "native" and self.masked_bda is not None and dctx.active(p):
+                keep = dropout_kernels.keep_mask_like(y, p, self.mask_salt)
+                return self.masked_bda(y, bias, residual, keep, 1.0 / (1.0 - p))
             if dctx.impl == "native":
                 return self.fused_bda(y, bias, residual, p, dctx.active(p))
             y = y + bias

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -41,6 +42,22 @@ def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, de
                                      fused=True, capturable=True)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False)
+
+
+FLAT_ADAMW_ENV = "MEGATRON_BERT_FLAT_ADAMW"
+
+
+def use_flat_adamw(device: torch.device, capturable: bool = False) -> bool:
+    """Whether the mixed-precision masters take the one-pass flat AdamW (flat_adamw.py): on CUDA with
+    Triton, where build_optimizer would take torch's fused AdamW (not apex's FusedAdam), unless
+    ``MEGATRON_BERT_FLAT_ADAMW=0`` (for A/B runs). CPU keeps the per-tensor path."""
+    if device.type != "cuda" or os.environ.get(FLAT_ADAMW_ENV, "1") == "0":
+        return False
+    if not capturable and _apex_fused_adam() is not None:
+        return False
+    from .flat_adamw import available
+
+    return available()
 
 
 def _skips_on_device(optimizer) -> bool:
@@ -135,23 +152,44 @@ class MasterWeightsOptimizer:
     Gradient sync, clipping and the step then work on the masters; :meth:`step` copies the updated
     masters back into the model. This is Megatron's mixed-precision scheme without autocast's
     per-step weight casts.
+
+    ``flat=True`` (see :func:`use_flat_adamw`): masters, master grads, moments and the model's 16-bit
+    weights live in flat buffers, group by group (flat_adamw.FlatBuffers; the model parameters are
+    re-pointed into theirs here), and the torch AdamW that ``make_optimizer`` builds is replaced by a
+    :class:`~.flat_adamw.FlatAdamW` with its groups and hyper-parameters, whose step also writes the
+    16-bit weights. Master grads are then views of one flat buffer that lives, like the per-tensor
+    master grads, from the first micro-batch's accumulation to the next ``zero_grad`` (which also sets
+    ``.grad = None``: "no grad yet this step").
     """
 
-    def __init__(self, model: torch.nn.Module, make_optimizer):
+    def __init__(self, model: torch.nn.Module, make_optimizer, flat: bool = False):
         self.model_params: list[torch.nn.Parameter] = []
         self.masters: list[torch.nn.Parameter] = []
         self.master_of: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
-        for p in model.parameters():
-            if not p.requires_grad:
-                continue
-            m = torch.nn.Parameter(p.detach().float().clone())
+        self.flat = None
+        if flat:
+            from .flat_adamw import FlatBuffers
+
+            # the order of param_groups(): each group is then one contiguous slice of every buffer
+            groups = [g["params"] for g in param_groups(model, 0.0)]
+            self.model_params = [p for g in groups for p in g]
+            self.flat = FlatBuffers(groups)
+            self.masters = list(self.flat.masters)
+        else:
+            for p in model.parameters():
+                if p.requires_grad:
+                    self.model_params.append(p)
+                    self.masters.append(torch.nn.Parameter(p.detach().float().clone()))
+        for p, m in zip(self.model_params, self.masters):
             for attr in _PARAM_ATTRS:
                 if hasattr(p, attr):
                     setattr(m, attr, getattr(p, attr))
-            self.model_params.append(p)
-            self.masters.append(m)
             self.master_of[p] = m
         self.optimizer = make_optimizer(model, self.master_of)
+        if flat:
+            from .flat_adamw import FlatAdamW
+
+            self.optimizer = FlatAdamW.like(self.optimizer, self.flat)
 
     @property
     def param_groups(self):
@@ -166,17 +204,20 @@ class MasterWeightsOptimizer:
             p.grad = None
         for m in self.masters:
             m.grad = None
+        if self.flat is not None:
+            self.flat.release_grads()
 
     def accumulate_grads(self) -> None:
         """Low-precision grads → fp32 master grads (copy on the first micro-batch, add after), in
         multi-tensor kernels: one launch for ~300 tensors instead of one each."""
         with torch.no_grad():
             fresh, acc = ([], []), ([], [])
-            for p, m in zip(self.model_params, self.masters):
+            flat_grads = self.flat.attach_grads() if self.flat is not None else None
+            for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
                 if p.grad is None:
                     continue
                 if m.grad is None:
-                    m.grad = torch.empty_like(m)
+                    m.grad = torch.empty_like(m) if flat_grads is None else flat_grads[i]
                     fresh[0].append(m.grad), fresh[1].append(p.grad)
                 else:
                     acc[0].append(m.grad), acc[1].append(p.grad)
@@ -188,5 +229,12 @@ class MasterWeightsOptimizer:
 
     def step(self) -> None:
         self.optimizer.step()
-        with torch.no_grad():
-            torch._foreach_copy_(self.model_params, self.masters)
+        if self.flat is None:  # the flat optimizer writes the 16-bit weights itself
+            with torch.no_grad():
+                torch._foreach_copy_(self.model_params, self.masters)
+
+    def after_load(self) -> None:
+        """Called by the checkpoint loader once tensors are in (flat mode re-checks its fast path)."""
+        hook = getattr(self.optimizer, "after_load", None)
+        if hook is not None:
+            hook()

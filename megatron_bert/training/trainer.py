@@ -33,7 +33,7 @@ from ..config import ModelRuntime
 from . import faults
 from .config import model_config, parse_time, to_yaml
 from .metrics import MetricsWriter, Throughput, flops_per_sequence, peak_flops
-from .optim import LossScaler, LRSchedule, MasterWeightsOptimizer, build_optimizer, step_if_finite
+from .optim import LossScaler, LRSchedule, MasterWeightsOptimizer, build_optimizer, step_if_finite, use_flat_adamw
 
 ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
              "max_position_embeddings", "type_vocab_size")
@@ -105,7 +105,7 @@ class Trainer:
         if self.mixed:
             # Low-precision parameters and activations; fp32 master weights live in the optimizer.
             self.model.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
-            self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer)
+            self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer, flat=use_flat_adamw(ps.device, graphed))
             self.opt_params = self.optimizer.masters
         else:
             self.optimizer = make_optimizer(self.model)
@@ -117,6 +117,12 @@ class Trainer:
                 import torch._inductor.config as inductor_config
 
                 inductor_config.triton.multi_kernel = 1
+                if "TORCHINDUCTOR_FX_GRAPH_CACHE" not in os.environ:
+                    # torch 2.11 fails to reload a cached graph that holds multi-kernels (TypeError in
+                    # MultiKernelCall.cache_file_path: the unpickled kernel lost its hash lock), so a
+                    # second run on a warm cache crashed (H200, BENCHMARKS.md). Inductor then
+                    # regenerates the graph each start (~10 s at 345M; Triton's binaries stay cached).
+                    inductor_config.fx_graph_cache = False
             if ps.tp_size == 1:
                 for layer in self.model.bert.encoder.layers:
                     layer.compile(mode=cfg.train.compile_mode)
