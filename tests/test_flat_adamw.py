@@ -175,7 +175,7 @@ def test_flat_model_trains_through_autograd_and_keeps_its_views():
     assert losses[-1] < losses[0]
     assert opt.optimizer.exact
     _assert_flat_layout(model, opt)
-    # the step's norm and the save-time finite check read the persistent grad views like fresh grads
+    # the step's norm and the save-time finite check read the flat grad views like per-tensor grads
     ps = ParallelState.single()
     want = torch.cat([m.grad.flatten() for m in opt.masters]).norm()
     torch.testing.assert_close(grad_norm(opt.masters, ps), want, rtol=1e-6, atol=0)
