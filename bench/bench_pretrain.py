@@ -96,6 +96,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--profile-ops", type=int, default=0, metavar="N",
+                   help="with --profile (and no --cuda-graph): also print the N aten ops with the most GPU time, "
+                        "by input shape (which op launched which kernel)")
     p.add_argument("--tag", default="")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     a = p.parse_args()
@@ -146,11 +149,15 @@ def main():
 
         from profile_summary import print_summary, summarize
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=a.profile_ops > 0) as prof:
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
         print_summary(summarize(prof, 2), a.tag)
+        if a.profile_ops:
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_device_time_total", row_limit=a.profile_ops, max_name_column_width=60,
+                max_shapes_column_width=90), flush=True)
 
     fl = flops_per_sequence(L, h, a.seq, a.vocab) * a.batch
     if ps.is_main:
@@ -161,7 +168,7 @@ def main():
                  mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                  mem_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                  warmup_s=round(warm_s, 1), gpu=torch.cuda.get_device_name() if cuda else "cpu",
-                 triton_dropout=any(getattr(m, "masked_bda", None) is not None for m in trainer.model.modules()),
+                 triton_dropout=any(getattr(m, "triton_bda", False) for m in trainer.model.modules()),
                  flat_adamw=getattr(trainer.optimizer, "flat", None) is not None)
         print("RESULT", json.dumps(r), flush=True)
     ps.destroy()

@@ -1,8 +1,9 @@
 """GPU tests (skipped without CUDA): TP=2 vs TP=1 losses agree in bf16 (2 GPUs); on one GPU the
-CUDA-graphed step against the eager one, fresh dropout per replay, the Triton GeLU kernels, the
-compiled cross-entropy, a graphed bf16 run with async checkpoints resumed mid-way, the Triton
-dropout keep-mask (alone and in a compiled layer), and a compiled run restarted on a warm Inductor
-cache. The flat AdamW's GPU tests are in test_gpu_flat_adamw.py."""
+CUDA-graphed step against the eager one, fresh dropout per replay, the Triton GeLU kernels, the fused
+QKV projection, the compiled cross-entropy, a graphed bf16 run with async checkpoints resumed
+mid-way, the Triton dropout keep-mask (alone) and residual epilogue (in a compiled layer), and a
+compiled run restarted on a warm Inductor cache. The flat AdamW's GPU tests are in
+test_gpu_flat_adamw.py."""
 import json
 import subprocess
 import sys
@@ -88,6 +89,42 @@ def test_triton_bias_gelu_matches_float64_both_ways_and_compiles():
 
 
 @needs_cuda
+def test_fused_qkv_projection_matches_the_linear_layer_eager_and_compiled():
+    """q, k, v of the fused projection equal the linear layer's views; through cuDNN attention (its
+    grad strides) the packed backward gives the linear layer's grads of x, W and b."""
+    import torch.nn.functional as F
+
+    from megatron_bert.model import qkv_kernels
+
+    assert qkv_kernels.available()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s, b, heads, hd = 160, 6, 4, 64  # 960 tokens: 15 blocks of 64
+    h = heads * hd
+    x = torch.randn(s, b, h, device="cuda", generator=g).bfloat16()
+    w = (0.05 * torch.randn(3 * h, h, device="cuda", generator=g)).bfloat16()
+    bias = torch.randn(3 * h, device="cuda", generator=g).bfloat16()
+
+    def plain(x, w, bias):
+        return F.linear(x, w, bias).view(s, b, heads, 3, hd).permute(3, 1, 2, 0, 4).unbind(0)
+
+    def run(project):
+        xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, bias))
+        q, k, v = project(xt, wt, bt)
+        F.scaled_dot_product_attention(q, k, v).float().pow(2).sum().backward()
+        return (q, k, v), (xt.grad, wt.grad, bt.grad)
+
+    want_qkv, want_grads = run(plain)
+    fused = lambda x, w, bias: qkv_kernels.project_qkv(x, w, bias, heads, hd)  # noqa: E731
+    for project in (fused, torch.compile(fused, fullgraph=True)):
+        got_qkv, got_grads = run(project)
+        assert all(torch.equal(a, c) for a, c in zip(got_qkv, want_qkv))
+        for name, a, c in zip(("x", "W", "b"), got_grads, want_grads):
+            assert a.dtype == c.dtype == torch.bfloat16 and a.shape == c.shape
+            rel = ((a.float() - c.float()).norm() / c.float().norm()).item()
+            assert rel < 1e-2, f"grad of {name}: relative difference {rel:.3g}"
+
+
+@needs_cuda
 def test_compiled_cross_entropy_matches_the_vocab_parallel_function_on_gpu():
     from parallel import vocab_parallel_cross_entropy
 
@@ -166,8 +203,9 @@ def test_triton_dropout_keep_mask_statistics_and_determinism():
 
 @needs_cuda
 def test_compiled_layer_dropout_uses_the_mask_kernel_and_scales_like_torch():
-    """A compiled bf16 layer's residual epilogue with the Triton keep-mask: out = residual + keep·y/(1-p)
-    exactly (values 0 or 1/(1-p) for y = 1), drop rate p, the backward applies the same mask."""
+    """A compiled bf16 layer's residual epilogue (the Triton bias + dropout + residual kernels): out =
+    residual + keep·y/(1-p) exactly (values 0 or 1/(1-p) for y = 1), drop rate p, the backward applies
+    the same mask, passes the residual's grad through and sums the bias grad."""
     from megatron_bert.config import ModelConfig, ModelRuntime
     from megatron_bert.model.dropout import DropoutContext
     from megatron_bert.model.transformer import TransformerLayer
@@ -178,18 +216,21 @@ def test_compiled_layer_dropout_uses_the_mask_kernel_and_scales_like_torch():
     cfg = ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4, vocab_size=1000, hidden_dropout=0.25)
     rt = ModelRuntime(dropout_impl="native", fuse_elementwise=True)
     layer = TransformerLayer(cfg, rt, ps, 0, normal_init(0.02), normal_init(0.02))
-    assert layer.masked_bda is not None
+    assert layer.triton_bda
     dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=512, seq_offset=0)
     y = torch.ones(512, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    residual = torch.zeros_like(y)
-    out = torch.compile(lambda a, r: layer._residual(a, torch.zeros(256, device="cuda", dtype=torch.bfloat16),
-                                                      r, dctx, 0), fullgraph=True)(y, residual)
+    bias = torch.zeros(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    residual = torch.zeros_like(y, requires_grad=True)
+    out = torch.compile(lambda a, b, r: layer._residual(a, b, r, dctx, 0), fullgraph=True)(y, bias, residual)
     values = set(out.float().unique().tolist())
     assert values == {0.0, torch.tensor(1.0 / 0.75, dtype=torch.bfloat16).item()}, values
     kept = (out != 0).float().mean().item()
     assert abs(kept - 0.75) < 3e-3, kept
     out.float().sum().backward()
     torch.testing.assert_close(y.grad.float(), out.float())  # d out / d y = keep / (1 - p)
+    assert torch.equal(residual.grad, torch.ones_like(y))
+    # the bias grad is the column sum of the (bf16) grad of y, rounded once to bf16
+    torch.testing.assert_close(bias.grad.float(), y.grad.float().sum((0, 1)), rtol=4e-3, atol=0)
 
 
 @needs_cuda

@@ -65,14 +65,17 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids, dctx: DropoutContext) -> torch.Tensor:
         # input_ids, token_type_ids: [b, s] → [s, b, h]  (or [s/tp, b, h] under sequence parallel)
-        word = self.word_embeddings(input_ids).transpose(0, 1)  # partial sums over TP ranks
+        # Looking up the transposed ids makes the stream contiguous in [s, b, h] from the start, the
+        # layout every GEMM output in the layers has (a [b, s, h] buffer viewed as [s, b, h] made
+        # Inductor split the first LayerNorm of each layer in two and read rows out of order).
+        word = self.word_embeddings(input_ids.t())  # partial sums over TP ranks
         if self.rt.sequence_parallel:
-            word = reduce_scatter_to_sp(word.contiguous(), self.ps.tp_group)
+            word = reduce_scatter_to_sp(word, self.ps.tp_group)
         else:
             word = reduce_from_tp(word, self.ps.tp_group)
         s_local, off = word.shape[0], dctx.seq_offset
         positions = torch.arange(off, off + s_local, device=input_ids.device)
-        types = token_type_ids[:, off:off + s_local].transpose(0, 1)
+        types = token_type_ids.t()[off:off + s_local]
         x = word + self.position_embeddings(positions).unsqueeze(1) + self.token_type_embeddings(types)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):

@@ -1,4 +1,4 @@
-"""Dropout keep-masks from one Triton kernel: four mask bytes per Philox call (GPU).
+"""Dropout from Triton kernels: four mask bytes per Philox call (GPU).
 
 Inductor lowers ``F.dropout`` inside a compiled layer to one ``tl.rand`` per element: a full
 10-round Philox call that yields four 32-bit words, of which it keeps one. On H200 that makes the
@@ -7,6 +7,11 @@ against ~25 µs of memory traffic; bench/NOTES.md). Here one call feeds four ele
 of its own that writes only the boolean keep-mask; the compiled epilogue then reads the mask like
 any other input and stays memory-bound, fused with the residual add and the next LayerNorm as before.
 The mask is what autograd saves for the backward in either case.
+
+``bias_dropout_add`` goes one step further for the residual epilogue of a layer: the same draw and
+``residual + (x + bias) · keep · scale`` in one kernel that writes the output and the mask (the
+mask kernel followed by Inductor's epilogue read the mask back: two passes, 48 µs against 36 µs for
+a [512·32, 1024] activation on H200). Its backward is plain torch, for Inductor to fuse.
 
 ``keep_mask(seed, numel, p, salt)`` is a pure function of its arguments (a registered custom op, so
 torch.compile may move or re-run it freely): the randomness comes from ``seed``, a device tensor the
@@ -54,6 +59,79 @@ if triton is not None:
         tl.store(mask_ptr + base + 3 * BLOCK, (r3 >> 8).to(tl.int32) >= threshold, mask=base + 3 * BLOCK < n)
 
 
+    @triton.jit
+    def _bda_word(x_ptr, b_ptr, r_ptr, out_ptr, keep_ptr, offs, n, word, threshold, scale, N_COLS: tl.constexpr):
+        # One Philox word's BLOCK elements: keep = top 24 bits ≥ threshold (as _keep_mask_kernel),
+        # out = residual + (x + b) · keep · scale in fp32, rounded once.
+        inside = offs < n
+        keep = (word >> 8).to(tl.int32) >= threshold
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs % N_COLS, mask=inside, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        out = r + tl.where(keep, (x + b) * scale, 0.0)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(keep_ptr + offs, keep, mask=inside)
+
+    @triton.jit
+    def _bda_fwd_kernel(x_ptr, b_ptr, r_ptr, out_ptr, keep_ptr, seed_ptr, n, threshold, salt, scale,
+                        N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+        # The keep-mask kernel's draw (same seed → same mask), with the epilogue in the same pass.
+        pid = tl.program_id(0)
+        seed = tl.load(seed_ptr) + salt
+        r0, r1, r2, r3 = tl.randint4x(seed, pid * BLOCK + tl.arange(0, BLOCK))
+        base = pid.to(tl.int64) * (4 * BLOCK) + tl.arange(0, BLOCK)
+        _bda_word(x_ptr, b_ptr, r_ptr, out_ptr, keep_ptr, base, n, r0, threshold, scale, N_COLS)
+        _bda_word(x_ptr, b_ptr, r_ptr, out_ptr, keep_ptr, base + BLOCK, n, r1, threshold, scale, N_COLS)
+        _bda_word(x_ptr, b_ptr, r_ptr, out_ptr, keep_ptr, base + 2 * BLOCK, n, r2, threshold, scale, N_COLS)
+        _bda_word(x_ptr, b_ptr, r_ptr, out_ptr, keep_ptr, base + 3 * BLOCK, n, r3, threshold, scale, N_COLS)
+
+
+@torch.library.custom_op("megatron_bert::bias_dropout_add", mutates_args=())
+def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, seed: torch.Tensor, p: float,
+                     salt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + dropout(x + bias)`` in one pass that also draws the mask: → (out, keep).
+
+    ``keep`` is the bool mask ``keep_mask(seed, x.numel(), p, salt)`` would give, in ``x``'s shape;
+    kept elements are scaled by ``1 / (1 - p)``. ``bias``: ``[x.shape[-1]]``."""
+    x, residual = x.contiguous(), residual.contiguous()
+    out = torch.empty_like(x)
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    n = x.numel()
+    if n:
+        grid = (triton.cdiv(n, 4 * _BLOCK),)
+        _bda_fwd_kernel[grid](x, bias, residual, out, keep, seed, n, drop_threshold(p), salt, 1.0 / (1.0 - p),
+                              N_COLS=x.shape[-1], BLOCK=_BLOCK)
+    return out, keep
+
+
+@bias_dropout_add.register_fake
+def _(x, bias, residual, seed, p, salt):
+    return torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool, device=x.device)
+
+
+def _bda_setup_context(ctx, inputs, output):
+    ctx.p = inputs[4]
+    ctx.save_for_backward(output[1], inputs[1])
+
+
+def _bda_backward(ctx, grad_out, _grad_keep):
+    # Plain torch ops: inside a compiled graph Inductor fuses them into one masked-grad pass and a
+    # column sum (a Triton kernel doing both in one pass measured slower on H200: bench/NOTES.md).
+    keep, bias = ctx.saved_tensors
+    dx = grad_out * keep * (1.0 / (1.0 - ctx.p))
+    dbias = dx.sum(tuple(range(dx.dim() - 1)), dtype=torch.float32).to(bias.dtype)
+    return dx, dbias, grad_out, None, None, None  # d residual = grad_out
+
+
+bias_dropout_add.register_autograd(_bda_backward, setup_context=_bda_setup_context)
+
+
+def fused_bias_dropout_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, p: float,
+                           salt: int = 0) -> torch.Tensor:
+    """``residual + dropout(x + bias)`` with a freshly drawn seed (training, p > 0)."""
+    return bias_dropout_add(x, bias, residual, draw_seed(x.device), p, salt)[0]
+
+
 def drop_threshold(p: float) -> int:
     """The 24-bit threshold below which an element is dropped."""
     if not 0.0 <= p < 1.0:
@@ -82,8 +160,3 @@ def _(seed, numel, p, salt):
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A fresh 62-bit seed from torch's generator for ``device``, kept on the device (no host sync)."""
     return torch.randint(0, 1 << 62, (1,), device=device, dtype=torch.int64)
-
-
-def keep_mask_like(x: torch.Tensor, p: float, salt: int = 0) -> torch.Tensor:
-    """A bool keep-mask of ``x``'s shape drawn with probability ``1 - p`` per element."""
-    return keep_mask(draw_seed(x.device), x.numel(), p, salt).view(x.shape)

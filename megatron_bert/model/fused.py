@@ -4,8 +4,8 @@ Eager versions are plain torch; ``compiled(fn)`` hands them to torch.compile (In
 into a single pass over memory). Compilation is opt-in (``ModelRuntime.fuse_elementwise``) and
 falls back to eager if it is unavailable. bias + erf-GeLU has its own Triton kernels
 (gelu_kernels.py), used where Triton and a GPU are there (``MEGATRON_BERT_TRITON_GELU=0`` turns
-them off, for A/B benchmarks); so has the dropout keep-mask (dropout_kernels.py,
-``MEGATRON_BERT_TRITON_DROPOUT=0``).
+them off, for A/B benchmarks); so has bias + dropout + residual in training, mask draw included
+(dropout_kernels.py, ``MEGATRON_BERT_TRITON_DROPOUT=0``).
 """
 from __future__ import annotations
 
@@ -31,13 +31,6 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def bias_dropout_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, p: float, training: bool):
     """residual + dropout(x + bias) with torch's RNG (the native dropout path)."""
     return residual + F.dropout(x + bias, p, training)
-
-
-def bias_masked_dropout_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, keep: torch.Tensor,
-                            scale: float):
-    """residual + (x + bias) · keep · scale: dropout with a keep-mask drawn beforehand (the Triton
-    mask kernel, dropout_kernels.py), the same arithmetic as torch's own dropout."""
-    return residual + (x + bias) * keep * scale
 
 
 BIAS_ACT = {"gelu": bias_gelu, "gelu_tanh": bias_gelu_tanh, "relu": bias_relu}

@@ -21,8 +21,8 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
-from . import dropout_kernels
-from .fused import bias_dropout_add, bias_masked_dropout_add, compiled, fused_bias_activation
+from . import dropout_kernels, qkv_kernels
+from .fused import bias_dropout_add, compiled, fused_bias_activation
 from .norm import make_layernorm
 
 _ACTIVATIONS = {
@@ -95,11 +95,18 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(
             cfg.hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel,
             skip_bias_add=rt.fuse_elementwise)  # the bias joins the fused dropout + residual epilogue
+        # One TP rank on GPU: the projection's backward packs dq, dk, dv in one pass (qkv_kernels.py).
+        self.fused_qkv = rt.fuse_elementwise and ps.tp_size == 1 and qkv_kernels.available()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
-        mixed = self.query_key_value(x)  # [s, b, heads_local * 3 * hd]
-        s, b, _ = mixed.shape
-        q, k, v = mixed.view(s, b, self.heads_local, 3, self.cfg.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
+        if self.fused_qkv and not torch.is_autocast_enabled(x.device.type):
+            s, b, _ = x.shape
+            qkv = self.query_key_value
+            q, k, v = qkv_kernels.project_qkv(x, qkv.weight, qkv.bias, self.heads_local, self.cfg.head_dim)
+        else:
+            mixed = self.query_key_value(x)  # [s, b, heads_local * 3 * hd] (full sequence under SP)
+            s, b, _ = mixed.shape
+            q, k, v = mixed.view(s, b, self.heads_local, 3, self.cfg.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
         # q, k, v: [b, heads_local, s, hd]
         args = (q, k, v, mask, dctx, self.cfg.attention_dropout, _site(dctx, self.layer, 0),
                 self.ps.tp_rank * self.heads_local, self.cfg.num_attention_heads)
@@ -142,9 +149,11 @@ class TransformerLayer(nn.Module):
         self.post_attention_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, sp)
         self.mlp = MLP(cfg, rt, ps, init, out_init)
         self.fused_bda = compiled(bias_dropout_add) if rt.fuse_elementwise else None
-        self.masked_bda = None
-        if rt.fuse_elementwise and rt.dropout_impl == "native" and dropout_kernels.available():
-            self.masked_bda = compiled(bias_masked_dropout_add)
+        # GPU with Triton: the epilogue's forward, mask draw included, is one Triton kernel
+        # (dropout_kernels.bias_dropout_add); its backward is plain torch, fused by Inductor.
+        self.triton_bda = rt.fuse_elementwise and rt.dropout_impl == "native" and dropout_kernels.available()
+        # compiled: at TP>1 the layer runs eagerly and the epilogue's backward still wants fusing
+        self.bda_kernel = compiled(dropout_kernels.fused_bias_dropout_add) if self.triton_bda else None
         # Sequence-parallel shards hold different tokens: salt their masks apart (TP rank); without
         # SP the region is replicated and every TP rank must draw the same mask.
         self.mask_salt = ps.tp_rank if sp else 0
@@ -153,19 +162,35 @@ class TransformerLayer(nn.Module):
         """residual + dropout(y [+ bias]); one fused kernel on the native-dropout GPU path."""
         p = self.cfg.hidden_dropout
         if self.fused_bda is not None:
-            if dctx.impl == "native" and self.masked_bda is not None and dctx.active(p):
-                keep = dropout_kernels.keep_mask_like(y, p, self.mask_salt)
-                return self.masked_bda(y, bias, residual, keep, 1.0 / (1.0 - p))
+            if dctx.impl == "native" and self.triton_bda and dctx.active(p):
+                return self.bda_kernel(y, bias, residual, p, self.mask_salt)
             if dctx.impl == "native":
                 return self.fused_bda(y, bias, residual, p, dctx.active(p))
             y = y + bias
         return residual + dctx.hidden(y, p, site)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+    def attention_block(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
         y = self.attention(self.input_layernorm(x), mask, dctx)
-        x = self._residual(y, self.attention.dense.bias, x, dctx, _site(dctx, self.layer, 1))
+        return self._residual(y, self.attention.dense.bias, x, dctx, _site(dctx, self.layer, 1))
+
+    def mlp_block(self, x: torch.Tensor, dctx: DropoutContext) -> torch.Tensor:
         y = self.mlp(self.post_attention_layernorm(x))
         return self._residual(y, self.mlp.dense_4h_to_h.bias, x, dctx, _site(dctx, self.layer, 2))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        # Two halves, so that a compiler can take them one at a time (compile_halves).
+        return self.mlp_block(self.attention_block(x, mask, dctx), dctx)
+
+    def compile_halves(self, mode: str = "default") -> None:
+        """torch.compile the attention half and the MLP half as two graphs.
+
+        The residual stream between them is then a graph boundary: it is written once in bf16 and
+        saved for the MLP half's LayerNorm backward. Compiled as one graph, Inductor recomputes it
+        in the backward from the attention output, the dropout mask and the layer input, and hands
+        the fp32 result to the LayerNorm-backward kernel through a 64 MB buffer (bench/NOTES.md).
+        """
+        self.attention_block = torch.compile(self.attention_block, mode=mode)
+        self.mlp_block = torch.compile(self.mlp_block, mode=mode)
 
 
 class TransformerEncoder(nn.Module):

@@ -124,8 +124,12 @@ class Trainer:
                     # regenerates the graph each start (~10 s at 345M; Triton's binaries stay cached).
                     inductor_config.fx_graph_cache = False
             if ps.tp_size == 1:
+                halves = os.environ.get("MEGATRON_BERT_COMPILE_UNIT", "half") == "half"
                 for layer in self.model.bert.encoder.layers:
-                    layer.compile(mode=cfg.train.compile_mode)
+                    if halves:
+                        layer.compile_halves(cfg.train.compile_mode)
+                    else:  # MEGATRON_BERT_COMPILE_UNIT=layer: one graph per layer (A/B runs)
+                        layer.compile(mode=cfg.train.compile_mode)
             else:
                 # Measured on H100 (BENCHMARKS.md): with TP collectives inside, the compiled layer
                 # breaks into many graphs and runs slower than eager, so only the epilogues compile.

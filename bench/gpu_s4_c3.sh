@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Session 4, call 3 (one H200): GPU tests, then A/B at seq 512 / batch 32 (graphed) beside
+# megatron-core: the session-3 code (.ab_old snapshot), this session's code (embeddings in [s, b]
+# order, layer compiled as two halves, fused QKV backward, one-launch GeLU bias-grad sum), and the
+# new code with one switch back each (compile unit, QKV kernel). Table: python bench/report.py $OUT/c3.log
+# .ab_old (git-ignored, carried): mkdir .ab_old && git archive 183276a megatron_bert parallel \
+#   bench/bench_pretrain.py bench/profile_summary.py | tar -x -C .ab_old
+set -u
+source bench/gpu_env.sh
+LOG=${OUT:-/tmp}/c3.log
+A="--model 345m --seq 512 --batch 32 --compile --cuda-graph"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$LOG"
+run 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_flat_adamw.py -k "not tp2 and not warm_inductor"
+run 120 python3 .ab_old/bench/bench_pretrain.py $A --tag old
+run 100 python3 bench/bench_pretrain.py $A --profile --tag new
+run 70 torchrun --standalone --nproc_per_node=1 .bench/anchors.py mcore --batch 32
+run 80 env MEGATRON_BERT_COMPILE_UNIT=layer python3 bench/bench_pretrain.py $A --tag new_unit_layer
+run 80 env MEGATRON_BERT_TRITON_QKV=0 python3 bench/bench_pretrain.py $A --tag new_qkv_off
+run 60 python3 .ab_old/bench/bench_pretrain.py $A --tag old_again
+run 60 python3 bench/bench_pretrain.py $A --tag new_again
+run 70 python3 bench/bench_pretrain.py --model 345m --seq 128 --batch 64 --compile --cuda-graph --tag seq128_new
+grep -E "^RESULT|^PROFILE|rc=|passed|failed|Error" "$LOG" | cut -c1-330
