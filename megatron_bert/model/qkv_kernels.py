@@ -109,5 +109,5 @@ class _ProjectQKV(torch.autograd.Function):
 
 
 def project_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, heads: int, head_dim: int):
-    """q, k, v ``[b, heads, s, hd]`` of ``x [s, b, h]`` (one TP rank, GPU)."""
+    """q, k, v ``[b, heads, s, hd]`` of ``x [s, b, h]`` (one TP rank, GPU; ``head_dim`` a power of two)."""
     return _ProjectQKV.apply(x, weight, bias, heads, head_dim)

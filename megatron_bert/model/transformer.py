@@ -95,8 +95,11 @@ class SelfAttention(nn.Module):
         self.dense = RowParallelLinear(
             cfg.hidden_size, cfg.hidden_size, ps, init_method=out_init, sequence_parallel=rt.sequence_parallel,
             skip_bias_add=rt.fuse_elementwise)  # the bias joins the fused dropout + residual epilogue
-        # One TP rank on GPU: the projection's backward packs dq, dk, dv in one pass (qkv_kernels.py).
-        self.fused_qkv = rt.fuse_elementwise and ps.tp_size == 1 and qkv_kernels.available()
+        # One TP rank on GPU: the projection's backward packs dq, dk, dv in one pass (qkv_kernels.py;
+        # its tiles need a power-of-two head size).
+        hd = cfg.head_dim
+        self.fused_qkv = (rt.fuse_elementwise and ps.tp_size == 1 and hd >= 16 and hd & (hd - 1) == 0
+                          and qkv_kernels.available())
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
         if self.fused_qkv and not torch.is_autocast_enabled(x.device.type):
