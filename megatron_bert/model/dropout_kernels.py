@@ -3,17 +3,16 @@
 Inductor lowers ``F.dropout`` inside a compiled layer to one ``tl.rand`` per element: a full
 10-round Philox call that yields four 32-bit words, of which it keeps one. On H200 that makes the
 fused bias + dropout + residual kernel compute-bound (~100 µs for a [512·32, 1024] activation,
-against ~25 µs of memory traffic; bench/NOTES.md). Here one call feeds four elements, in a kernel
-of its own that writes only the boolean keep-mask; the compiled epilogue then reads the mask like
-any other input and stays memory-bound, fused with the residual add and the next LayerNorm as before.
-The mask is what autograd saves for the backward in either case.
+against ~25 µs of memory traffic; bench/NOTES.md). Here one call feeds four elements.
 
-``bias_dropout_add`` goes one step further for the residual epilogue of a layer: the same draw and
-``residual + (x + bias) · keep · scale`` in one kernel that writes the output and the mask (the
-mask kernel followed by Inductor's epilogue read the mask back: two passes, 48 µs against 36 µs for
-a [512·32, 1024] activation on H200). Its backward is plain torch, for Inductor to fuse.
+``bias_dropout_add`` is a layer's residual epilogue: the draw and ``residual + (x + bias) · keep ·
+scale`` in one kernel that writes the output and the boolean mask, which autograd saves for the
+backward (plain torch, for Inductor to fuse). ``keep_mask`` draws the same mask alone; a mask kernel
+followed by Inductor's epilogue reading the mask back took 48 µs against 36 µs for the one kernel on
+a [512·32, 1024] activation on H200.
 
-``keep_mask(seed, numel, p, salt)`` is a pure function of its arguments (a registered custom op, so
+``keep_mask(seed, numel, p, salt)``, like ``bias_dropout_add``, is a pure function of its arguments (a
+registered custom op, so
 torch.compile may move or re-run it freely): the randomness comes from ``seed``, a device tensor the
 caller draws from torch's generator (``draw_seed``), which keeps CUDA-graph replays and activation
 recompute right — a replay draws a new seed on device, a recompute restores the generator and draws
