@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from megatron_bert import triton_support  # noqa: E402
 from megatron_bert.model import dropout_kernels, gelu_kernels, qkv_kernels  # noqa: E402
 
 
@@ -114,7 +115,7 @@ def compile_sm90() -> None:
           "partial_ptr": "*fp32", "out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16"}
     build(gelu_kernels._fwd_kernel.fn, bf, {"BLOCK_M": 16, "BLOCK_N": 1024}, 8)
     build(gelu_kernels._bwd_kernel.fn, bf, {"BLOCK_M": 64, "SUB_M": 16, "BLOCK_N": 512}, 4)
-    build(gelu_kernels._column_sum_kernel, bf, {"N_ROWS": 256, "BLOCK_R": 8, "BLOCK_N": 64})
+    build(triton_support._column_sum_kernel, bf, {"N_ROWS": 256, "BLOCK_R": 8, "BLOCK_N": 64})
     build(dropout_kernels._bda_fwd_kernel, {**bf, "r_ptr": "*bf16", "keep_ptr": "*i1", "seed_ptr": "*i64",
                                             "scale": "fp32"},
           {"N_COLS": 1024, "BLOCK": dropout_kernels._BLOCK})

@@ -216,7 +216,7 @@ def test_compiled_layer_dropout_uses_the_mask_kernel_and_scales_like_torch():
     cfg = ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4, vocab_size=1000, hidden_dropout=0.25)
     rt = ModelRuntime(dropout_impl="native", fuse_elementwise=True)
     layer = TransformerLayer(cfg, rt, ps, 0, normal_init(0.02), normal_init(0.02))
-    assert layer.triton_bda
+    assert layer.bda_kernel is not None
     dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=512, seq_offset=0)
     y = torch.ones(512, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     bias = torch.zeros(256, device="cuda", dtype=torch.bfloat16, requires_grad=True)

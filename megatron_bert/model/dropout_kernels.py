@@ -20,25 +20,16 @@ recompute restores the generator and draws the same one. Element ``i`` is kept w
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from ..triton_support import tl, triton, usable
 
 _BLOCK = 1024  # Philox calls per program; each program writes 4 · _BLOCK mask bytes
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Triton and a GPU are present and ``MEGATRON_BERT_TRITON_DROPOUT`` is not "0" (A/B switch)."""
-    return (triton is not None and torch.cuda.is_available()
-            and os.environ.get("MEGATRON_BERT_TRITON_DROPOUT", "1") != "0")
+    return usable("MEGATRON_BERT_TRITON_DROPOUT")
 
 
 if triton is not None:

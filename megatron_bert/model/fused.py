@@ -10,7 +10,6 @@ them off, for A/B benchmarks); so has bias + dropout + residual in training, mas
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ def compiled(fn):
 
 def fused_bias_activation(name: str):
     """The GPU epilogue ``act(x + bias)`` for activation ``name``."""
-    if name == "gelu" and os.environ.get("MEGATRON_BERT_TRITON_GELU", "1") != "0":
+    if name == "gelu":
         from . import gelu_kernels
 
         if gelu_kernels.available():

@@ -8,24 +8,19 @@ inside a separate bias-grad reduction) and the step spends ~7 ms of 96 there (be
 Registered as custom ops with their autograd formula, so torch.compile treats them as opaque kernels
 inside a compiled layer and CUDA graphs capture them like any other launch. Math is fp32 (no rounding
 of ``x + b`` before the activation, as in Inductor's fused kernel); outputs take the input dtype.
-``available()`` is False without Triton or a GPU; callers then use plain torch.
+``available()`` is False without Triton or a GPU (or with ``MEGATRON_BERT_TRITON_GELU=0``); callers
+then use plain torch.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from ..triton_support import column_sum, tl, triton, usable
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    """Triton and a GPU are present and ``MEGATRON_BERT_TRITON_GELU`` is not "0" (A/B switch)."""
+    return usable("MEGATRON_BERT_TRITON_GELU")
 
 
 if triton is not None:
@@ -50,7 +45,6 @@ if triton is not None:
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
 
     _BWD_ROWS = 64  # rows per program: fixed, so the partial-sum buffer has one row per program
-    _SUM_COLS = 64  # columns per program of the final bias-grad sum
 
     @triton.autotune(configs=[triton.Config({"SUB_M": m, "BLOCK_N": n}, num_warps=w)
                               for m, n, w in ((64, 64, 4), (64, 128, 4), (64, 256, 8), (32, 256, 4),
@@ -80,22 +74,6 @@ if triton is not None:
         # unlike atomics.
         tl.store(partial_ptr + pid_m * n_cols + cols, col_sum, mask=col_ok)
 
-    @triton.jit
-    def _column_sum_kernel(partial_ptr, out_ptr, n_cols, N_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
-        # out[c] = sum over r of partial[r, c], rows added in a fixed order, written in out's dtype:
-        # one launch where torch's generic reduction kernel and a cast took two (~14 µs of a 345M
-        # layer's backward for a [256 × 4096] partial on H200; this reads the same 4 MB). The row count
-        # is a compile-time constant: one per activation shape.
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
-        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, N_ROWS, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            inside = (rows[:, None] < N_ROWS) & col_ok[None, :]
-            acc += tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=inside, other=0.0)
-        tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
-
 
 @torch.library.custom_op("megatron_bert::bias_gelu", mutates_args=())
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -123,9 +101,7 @@ def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) 
     partial = torch.empty(blocks, n, dtype=torch.float32, device=x.device)  # fp32 column sums per row block
     _bwd_kernel[lambda meta: (blocks, triton.cdiv(n, meta["BLOCK_N"]))](grad, x, bias, dx, partial, rows, n,
                                                                         BLOCK_M=_BWD_ROWS)
-    dbias = torch.empty_like(bias)
-    _column_sum_kernel[(triton.cdiv(n, _SUM_COLS),)](partial, dbias, n, N_ROWS=blocks, BLOCK_R=8, BLOCK_N=_SUM_COLS)
-    return dx, dbias
+    return dx, column_sum(partial, bias.dtype)
 
 
 @bias_gelu_backward.register_fake

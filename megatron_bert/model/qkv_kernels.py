@@ -14,31 +14,20 @@ then keeps the plain linear layer.
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from ..triton_support import column_sum, tl, triton, usable
 
 _ROWS = 64  # tokens per program (one row of bias-grad partial sums per block of tokens)
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Triton and a GPU are present and ``MEGATRON_BERT_TRITON_QKV`` is not "0" (A/B switch)."""
-    return (triton is not None and torch.cuda.is_available()
-            and os.environ.get("MEGATRON_BERT_TRITON_QKV", "1") != "0")
+    return usable("MEGATRON_BERT_TRITON_QKV")
 
 
 if triton is not None:
-    from .gelu_kernels import _column_sum_kernel
-
     @triton.jit
     def _pack_kernel(q_ptr, k_ptr, v_ptr, out_ptr, partial_ptr, n_tokens, batch,
                      sb_q, sh_q, ss_q, sb_k, sh_k, ss_k, sb_v, sh_v, ss_v,
@@ -76,10 +65,7 @@ def qkv_grad_pack(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, bias: to
     strides = [x for t in grads for x in (t.stride(0), t.stride(1), t.stride(2))]
     _pack_kernel[(blocks, heads, 3)](*grads, out, partial, n_tokens, b, *strides,
                                      HEADS=heads, HEAD_DIM=hd, ROWS=_ROWS, num_warps=4)
-    dbias = torch.empty_like(bias)
-    _column_sum_kernel[(triton.cdiv(width, 64),)](partial, dbias, width, N_ROWS=blocks, BLOCK_R=8,
-                                                        BLOCK_N=64)
-    return out, dbias
+    return out, column_sum(partial, bias.dtype)
 
 
 @qkv_grad_pack.register_fake

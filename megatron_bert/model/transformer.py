@@ -153,10 +153,11 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, rt, ps, init, out_init)
         self.fused_bda = compiled(bias_dropout_add) if rt.fuse_elementwise else None
         # GPU with Triton: the epilogue's forward, mask draw included, is one Triton kernel
-        # (dropout_kernels.bias_dropout_add); its backward is plain torch, fused by Inductor.
-        self.triton_bda = rt.fuse_elementwise and rt.dropout_impl == "native" and dropout_kernels.available()
-        # compiled: at TP>1 the layer runs eagerly and the epilogue's backward still wants fusing
-        self.bda_kernel = compiled(dropout_kernels.fused_bias_dropout_add) if self.triton_bda else None
+        # (dropout_kernels.bias_dropout_add); its backward is plain torch, fused by Inductor. Compiled
+        # on its own too: at TP>1 the layer runs eagerly and that backward still wants fusing.
+        self.bda_kernel = None
+        if rt.fuse_elementwise and rt.dropout_impl == "native" and dropout_kernels.available():
+            self.bda_kernel = compiled(dropout_kernels.fused_bias_dropout_add)
         # Sequence-parallel shards hold different tokens: salt their masks apart (TP rank); without
         # SP the region is replicated and every TP rank must draw the same mask.
         self.mask_salt = ps.tp_rank if sp else 0
@@ -165,7 +166,7 @@ class TransformerLayer(nn.Module):
         """residual + dropout(y [+ bias]); one fused kernel on the native-dropout GPU path."""
         p = self.cfg.hidden_dropout
         if self.fused_bda is not None:
-            if dctx.impl == "native" and self.triton_bda and dctx.active(p):
+            if dctx.impl == "native" and self.bda_kernel is not None and dctx.active(p):
                 return self.bda_kernel(y, bias, residual, p, self.mask_salt)
             if dctx.impl == "native":
                 return self.fused_bda(y, bias, residual, p, dctx.active(p))

@@ -44,11 +44,7 @@ import warnings
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch implementation below is used
-    triton = None
+from ..triton_support import tl, triton, usable  # triton is None on CPU-only installs: torch below
 
 ALIGN = 64  # elements: every tensor starts 256-byte (fp32) / 128-byte (16-bit) aligned, for vector loads
 # Elements per program and warps: the fastest of 11 shapes timed on H200 at 345M elements
@@ -58,7 +54,7 @@ NUM_WARPS = 8
 
 
 def available() -> bool:
-    return triton is not None and torch.cuda.is_available()
+    return usable()
 
 
 class FlatBuffers:
