@@ -3,6 +3,7 @@ LayerNorm, fused AdamW. Prints ``KERNEL {json}`` lines (median of CUDA-event tim
 
     python bench/bench_kernels.py --hidden 1024 --heads 16 --seq 512 --batch 32
     python bench/bench_kernels.py --ours-only   # launch shapes of our flat AdamW and keep-mask kernels
+    python bench/bench_kernels.py --gelu        # our bias + GeLU kernels (both ways) against torch's
 """
 from __future__ import annotations
 
@@ -46,9 +47,12 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--params", type=float, default=335e6)
     p.add_argument("--ours-only", action="store_true", help="only the launch-shape sweep of our Triton kernels")
+    p.add_argument("--gelu", action="store_true", help="only our bias + GeLU kernels, against torch's GeLU")
     a = p.parse_args()
     if a.ours_only:
         return our_kernel_shapes(int(a.params), a.seq * a.batch * a.hidden)
+    if a.gelu:
+        return gelu_kernels_timing(a.seq * a.batch, 4 * a.hidden)
     dev, dt = "cuda", torch.bfloat16
     h, s, b, nh = a.hidden, a.seq, a.batch, a.heads
     hd, t = h // nh, s * b
@@ -155,6 +159,30 @@ def our_kernel_shapes(n_params: int, n_act: int) -> None:
                 dk._keep_mask_kernel[(triton_cdiv(n_act, 4 * block),)](seed, mask, n_act, thr, 0, BLOCK=block,
                                                                         num_warps=warps)
             report("keep_mask", timed(launch), nbytes=n_act, block=block, warps=warps)
+
+
+def gelu_kernels_timing(rows: int, n: int, calls: int = 20) -> None:
+    """Our bias + GeLU forward (reads x, writes y) and backward (reads dy and x, writes dx, plus the
+    bias grad), back to back ``calls`` times between two events so the launches overlap the kernels,
+    against torch's GeLU alone. Which module ran is printed: point PYTHONPATH at an older tree for A/B."""
+    from megatron_bert.model import gelu_kernels as gk
+
+    dev, dt = "cuda", torch.bfloat16
+    x, dy = (torch.randn(rows, n, device=dev, dtype=dt) for _ in range(2))
+    b = torch.randn(n, device=dev, dtype=dt)
+
+    def many(fn):
+        return lambda: [fn() for _ in range(calls)]
+    elems = rows * n
+    for what, fn, nbytes in (("bias_gelu_fwd", lambda: gk.bias_gelu(x, b), 4 * elems),
+                             ("bias_gelu_bwd", lambda: gk.bias_gelu_backward(dy, x, b), 6 * elems),
+                             ("torch_gelu_fwd", lambda: F.gelu(x), 4 * elems)):
+        report(what, timed(many(fn)) / calls, nbytes=nbytes, shape=[rows, n], module=gk.__file__)
+    for name, kernel in (("bias_gelu_fwd", gk._fwd_kernel), ("bias_gelu_bwd", gk._bwd_kernel)):
+        timings = getattr(kernel, "configs_timings", None) or {}  # the autotuner's own, per tile shape
+        for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list) else kv[1]):
+            t = ms[0] if isinstance(ms, list) else ms
+            report(f"{name}_tile", t, nbytes=(4 if name.endswith("fwd") else 6) * elems, config=str(cfg))
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -15,27 +15,85 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_bert import triton_support  # noqa: E402
-from megatron_bert.model import dropout_kernels, gelu_kernels, qkv_kernels  # noqa: E402
+from megatron_bert.model import dropout_kernels, gelu_kernels, layernorm_kernels, qkv_kernels  # noqa: E402
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).norm() / ref.norm()).item()
 
 
+def gelu_accuracy(y, dx, db, x, b, dy, rounding_checked: bool = True) -> str:
+    """Empty when bias_gelu's ``y``, ``dx`` and ``db`` (bf16, from bf16 ``x``, ``b``, ``dy``) match
+    exact GeLU elementwise: each output within one bf16 ulp of the float64 value (plus 1e-6·|dy| for
+    dx, where gelu' crosses zero and fp32 cancels; values under 16× fp32's smallest normal do not
+    count: near z = -13 the kernel's exp2 flushes to zero what z·t would have scaled up to ~3e-38),
+    with ``rounding_checked`` at most 1e-3 of them off the correctly rounded bf16 (the interpreter
+    truncates to bf16), and the bias grad within 4e-3 (relative norm: a sum in another order).
+    Otherwise says what is wrong."""
+    z = x.double() + b.double()
+    # Φ through erfc: torch's gelu, even in float64, computes 1 + erf(z/√2), which is 0 below z ≈ -8
+    cdf, pdf = 0.5 * torch.special.erfc(-z * 0.5 ** 0.5), torch.exp(-0.5 * z * z) * (2 * torch.pi) ** -0.5
+    y64, dx64 = z * cdf, dy.double() * (cdf + z * pdf)
+    tiny = 2.0 ** -122
+    for name, got, want, floor in (("y", y, y64, tiny), ("dx", dx, dx64, 1e-6 * dy.double().abs() + tiny)):
+        if got.dtype != torch.bfloat16:
+            return f"{name} is {got.dtype}, not bf16"
+        err = (got.double() - want).abs()
+        off = (got != want.bfloat16())[want.abs() > tiny].double().mean().item()
+        if (err > want.abs() * 2.0 ** -7 + floor).any() or (rounding_checked and off > 1e-3):
+            return (f"{name}: max error {(err / (want.abs() * 2.0 ** -7 + floor)).max().item():.3g} bf16 ulps, "
+                    f"{off:.2e} of the outputs not correctly rounded")
+    db64 = dx64.reshape(-1, dx64.shape[-1]).sum(0)
+    if db.dtype != torch.bfloat16 or _rel(db, db64) > 4e-3:
+        return f"dbias: relative error {_rel(db, db64):.3g}"
+    return ""
+
+
 def check_gelu(rows: int, n: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, n, generator=g).bfloat16()
+    x = (3 * torch.randn(rows, n, generator=g)).bfloat16()  # reaches the tails
+    x.view(-1)[: min(x.numel(), 2401)] = torch.linspace(-12, 12, 2401)[: x.numel()].bfloat16()
     b = torch.randn(n, generator=g).bfloat16()
     dy = torch.randn(rows, n, generator=g).bfloat16()
-    x64, b64 = x.double().requires_grad_(), b.double().requires_grad_()
-    y64 = torch.nn.functional.gelu(x64 + b64)
-    y64.backward(dy.double())
     y = gelu_kernels.bias_gelu(x, b)
     dx, db = gelu_kernels.bias_gelu_backward(dy, x, b)
-    errs = (_rel(y, y64), _rel(dx, x64.grad), _rel(db, b64.grad))
-    if not (y.dtype == dx.dtype == db.dtype == torch.bfloat16 and max(errs) < 4e-3):
-        raise SystemExit(f"FAIL bias_gelu {rows}x{n}: relative errors {errs}")
-    print(f"OK interpret bias_gelu {rows}x{n}: y, dx, dbias within {max(errs):.2g} of float64")
+    wrong = gelu_accuracy(y, dx, db, x, b, dy, rounding_checked=False)
+    if wrong:
+        raise SystemExit(f"FAIL bias_gelu {rows}x{n}: {wrong}")
+    print(f"OK interpret bias_gelu {rows}x{n}: y and dx within one bf16 ulp of exact GeLU, dbias within 4e-3")
+
+
+def check_column_sum(blocks: int, n: int, seed: int) -> None:
+    partial = torch.randn(blocks, n, generator=torch.Generator().manual_seed(seed))
+    got = triton_support.column_sum(partial, torch.float32)
+    err = (got.double() - partial.double().sum(0)).abs().max().item()
+    if got.shape != (n,) or err > 1e-4:
+        raise SystemExit(f"FAIL column_sum [{blocks} x {n}]: off the float64 column sums by {err:.3g}")
+    print(f"OK interpret column_sum [{blocks} x {n}]: within {err:.2g} of float64")
+
+
+def check_layer_norm(shape: tuple, seed: int) -> None:
+    # fp32 here: aten's CPU LayerNorm backward wants bf16 statistics for bf16 inputs, its CUDA one fp32
+    # (tests/test_gpu.py runs the bf16 case on the GPU)
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    x = 2 * torch.randn(shape, generator=g) + 0.5
+    w, b = 1 + 0.3 * torch.randn(n, generator=g), 0.2 * torch.randn(n, generator=g)
+    dy = torch.randn(shape, generator=g)
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, b))
+    y, mean, rstd = layernorm_kernels.layer_norm_with_stats(xt, wt, bt, 1e-5)
+    y.backward(dy)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    y64 = torch.nn.functional.layer_norm(x64, (n,), w64, b64, 1e-5)
+    y64.backward(dy.double())
+    stats_ok = mean.shape == rstd.shape == (*shape[:-1], 1) and mean.dtype == rstd.dtype == torch.float32 \
+        and torch.allclose(mean.double().squeeze(-1), x64.mean(-1), atol=1e-5) \
+        and torch.allclose(rstd.double().squeeze(-1), (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5)
+    errs = (_rel(y, y64), _rel(xt.grad, x64.grad), _rel(wt.grad, w64.grad), _rel(bt.grad, b64.grad))
+    if not (stats_ok and max(errs) < 1e-5):
+        raise SystemExit(f"FAIL layer_norm {shape}: statistics ok {stats_ok}, relative errors y/dx/dw/db {errs}")
+    print(f"OK interpret layer_norm {shape}: y, fp32 mean and 1/std, grads (torch's backward on the saved "
+          f"statistics) within {max(errs):.2g} of float64")
 
 
 def check_qkv_pack(s: int, b: int, heads: int, hd: int, seed: int) -> None:
@@ -88,10 +146,14 @@ def check_bias_dropout_add(shape: tuple, p: float, salt: int, seed: int) -> None
 
 def interpret() -> None:
     # The interpreter cannot time autotune candidates: keep one tile shape of each GeLU kernel.
-    for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel):
+    for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel, layernorm_kernels._layer_norm_fwd_kernel):
         kernel.configs = kernel.configs[:1]
     check_gelu(64 * 3 + 5, 256, 0)    # a ragged last row block
     check_gelu(100, 192, 1)           # columns not a multiple of the tile
+    check_layer_norm((37, 3, 1024), 8)  # 111 rows: a ragged last program whatever its row count
+    check_layer_norm((50, 96), 9)       # a row narrower than its power-of-two tile
+    check_column_sum(600, 40, 6)      # rows in three loads (256 + 256 + 88), columns not a multiple of 16
+    check_column_sum(3, 16, 7)        # fewer rows than a tile
     check_qkv_pack(8, 3, 2, 16, 2)    # tokens (24) fewer than a block
     check_qkv_pack(40, 4, 3, 32, 3)   # 160 tokens: 2.5 blocks
     check_bias_dropout_add((70, 3, 96), 0.1, 0, 4)   # 20160 elements: a ragged last program, rows % 64 != 0
@@ -113,9 +175,11 @@ def compile_sm90() -> None:
 
     bf = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "dx_ptr": "*bf16",
           "partial_ptr": "*fp32", "out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16"}
-    build(gelu_kernels._fwd_kernel.fn, bf, {"BLOCK_M": 16, "BLOCK_N": 1024}, 8)
-    build(gelu_kernels._bwd_kernel.fn, bf, {"BLOCK_M": 64, "SUB_M": 16, "BLOCK_N": 512}, 4)
-    build(triton_support._column_sum_kernel, bf, {"N_ROWS": 256, "BLOCK_R": 8, "BLOCK_N": 64})
+    build(gelu_kernels._fwd_kernel.fn, bf, {"BLOCK_M": 2, "BLOCK_N": 1024}, 4)
+    build(gelu_kernels._bwd_kernel.fn, bf, {"BLOCK_M": 64, "SUB_M": 64, "BLOCK_N": 64}, 4)
+    build(layernorm_kernels._layer_norm_fwd_kernel.fn, {**bf, "w_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                                          "eps": "fp32"}, {"N_COLS": 1024, "BLOCK_N": 1024, "ROWS": 4})
+    build(triton_support._column_sum_kernel, bf, {"N_ROWS": 256, "BLOCK_R": 256, "BLOCK_N": 16})
     build(dropout_kernels._bda_fwd_kernel, {**bf, "r_ptr": "*bf16", "keep_ptr": "*i1", "seed_ptr": "*i64",
                                             "scale": "fp32"},
           {"N_COLS": 1024, "BLOCK": dropout_kernels._BLOCK})

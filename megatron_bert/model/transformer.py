@@ -21,7 +21,7 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
-from . import dropout_kernels, qkv_kernels
+from . import dropout_kernels, layernorm_kernels, qkv_kernels
 from .fused import bias_dropout_add, compiled, fused_bias_activation
 from .norm import make_layernorm
 
@@ -158,6 +158,8 @@ class TransformerLayer(nn.Module):
         self.bda_kernel = None
         if rt.fuse_elementwise and rt.dropout_impl == "native" and dropout_kernels.available():
             self.bda_kernel = compiled(dropout_kernels.fused_bias_dropout_add)
+        # GPU with Triton: the two LayerNorm forwards are one kernel each (layernorm_kernels.py).
+        self.norm_kernel = rt.fuse_elementwise and layernorm_kernels.available()
         # Sequence-parallel shards hold different tokens: salt their masks apart (TP rank); without
         # SP the region is replicated and every TP rank must draw the same mask.
         self.mask_salt = ps.tp_rank if sp else 0
@@ -173,12 +175,15 @@ class TransformerLayer(nn.Module):
             y = y + bias
         return residual + dctx.hidden(y, p, site)
 
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layernorm_kernels.layer_norm(x, norm) if self.norm_kernel else norm(x)
+
     def attention_block(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
-        y = self.attention(self.input_layernorm(x), mask, dctx)
+        y = self.attention(self._norm(self.input_layernorm, x), mask, dctx)
         return self._residual(y, self.attention.dense.bias, x, dctx, _site(dctx, self.layer, 1))
 
     def mlp_block(self, x: torch.Tensor, dctx: DropoutContext) -> torch.Tensor:
-        y = self.mlp(self.post_attention_layernorm(x))
+        y = self.mlp(self._norm(self.post_attention_layernorm, x))
         return self._residual(y, self.mlp.dense_4h_to_h.bias, x, dctx, _site(dctx, self.layer, 2))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
