@@ -179,10 +179,11 @@ def gelu_kernels_timing(rows: int, n: int, calls: int = 20) -> None:
                              ("torch_gelu_fwd", lambda: F.gelu(x), 4 * elems)):
         report(what, timed(many(fn)) / calls, nbytes=nbytes, shape=[rows, n], module=gk.__file__)
     for name, kernel in (("bias_gelu_fwd", gk._fwd_kernel), ("bias_gelu_bwd", gk._bwd_kernel)):
-        timings = getattr(kernel, "configs_timings", None) or {}  # the autotuner's own, per tile shape
-        for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list) else kv[1]):
-            t = ms[0] if isinstance(ms, list) else ms
-            report(f"{name}_tile", t, nbytes=(4 if name.endswith("fwd") else 6) * elems, config=str(cfg))
+        # the autotuner's own timings per tile shape (a list of quantiles, median first, or one number)
+        timings = {cfg: ms[0] if isinstance(ms, list) else ms
+                   for cfg, ms in (getattr(kernel, "configs_timings", None) or {}).items()}
+        for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+            report(f"{name}_tile", ms, nbytes=(4 if name.endswith("fwd") else 6) * elems, config=str(cfg))
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -102,8 +102,9 @@ def test_triton_layer_norm_matches_torch_both_ways_eager_and_compiled():
         ref.weight.copy_(1 + 0.3 * torch.randn(h, device="cuda", generator=g))
         ref.bias.copy_(0.2 * torch.randn(h, device="cuda", generator=g))
     x64 = x.double().requires_grad_()
-    ref(x64).backward(dy.double())
-    want = (ref(x64.detach()), x64.grad, ref.weight.grad, ref.bias.grad)
+    y64 = ref(x64)
+    y64.backward(dy.double())
+    want = (y64.detach(), x64.grad, ref.weight.grad, ref.bias.grad)
     for fn in (layernorm_kernels.layer_norm, torch.compile(lambda u, m: layernorm_kernels.layer_norm(u, m) + 0.0)):
         norm = torch.nn.LayerNorm(h, device="cuda", dtype=torch.bfloat16)
         norm.load_state_dict(ref.state_dict())
