@@ -4,6 +4,7 @@ LayerNorm, fused AdamW. Prints ``KERNEL {json}`` lines (median of CUDA-event tim
     python bench/bench_kernels.py --hidden 1024 --heads 16 --seq 512 --batch 32
     python bench/bench_kernels.py --ours-only   # launch shapes of our flat AdamW and keep-mask kernels
     python bench/bench_kernels.py --gelu        # our bias + GeLU kernels (both ways) against torch's
+    python bench/bench_kernels.py --residual-norm  # the fused epilogue + LayerNorm against the separate kernels
 """
 from __future__ import annotations
 
@@ -48,7 +49,11 @@ def main():
     p.add_argument("--params", type=float, default=335e6)
     p.add_argument("--ours-only", action="store_true", help="only the launch-shape sweep of our Triton kernels")
     p.add_argument("--gelu", action="store_true", help="only our bias + GeLU kernels, against torch's GeLU")
+    p.add_argument("--residual-norm", action="store_true",
+                   help="only the fused residual epilogue + LayerNorm kernels, against the separate ones")
     a = p.parse_args()
+    if a.residual_norm:
+        return residual_norm_timing(a.seq * a.batch, a.hidden)
     if a.ours_only:
         return our_kernel_shapes(int(a.params), a.seq * a.batch * a.hidden)
     if a.gelu:
@@ -184,6 +189,51 @@ def gelu_kernels_timing(rows: int, n: int, calls: int = 20) -> None:
                    for cfg, ms in (getattr(kernel, "configs_timings", None) or {}).items()}
         for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1]):
             report(f"{name}_tile", ms, nbytes=(4 if name.endswith("fwd") else 6) * elems, config=str(cfg))
+
+
+def _autotuned(name: str, kernel, nbytes: int) -> None:
+    """The autotuner's own timings per config (a list of quantiles, median first, or one number)."""
+    timings = {cfg: ms[0] if isinstance(ms, list) else ms
+               for cfg, ms in (getattr(kernel, "configs_timings", None) or {}).items()}
+    for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+        report(f"{name}_config", ms, nbytes=nbytes, config=str(cfg))
+
+
+def residual_norm_timing(rows: int, n: int, calls: int = 20) -> None:
+    """The fused residual epilogue + LayerNorm (residual_norm_kernels) both ways, the backward at several
+    program counts (the partial-sum rows it leaves for its column sum), against the separate epilogue
+    (dropout_kernels) and LayerNorm (layernorm_kernels) forwards; ``calls`` back to back per timing."""
+    from megatron_bert.model import dropout_kernels as dk
+    from megatron_bert.model import layernorm_kernels as lk
+    from megatron_bert.model import residual_norm_kernels as rk
+
+    dev, dt = "cuda", torch.bfloat16
+    y, r, dln, dh = (torch.randn(rows, n, device=dev, dtype=dt) for _ in range(4))
+    b, nb = (0.1 * torch.randn(n, device=dev, dtype=dt) for _ in range(2))
+    w = torch.ones(n, device=dev, dtype=dt)
+    seed = torch.tensor([7], dtype=torch.int64, device=dev)
+    elems = rows * n
+
+    def many(fn):
+        return lambda: [fn() for _ in range(calls)]
+    fwd = lambda: rk.residual_norm_with_stats(y, b, r, seed, 0.1, 0, w, nb, 1e-5)  # noqa: E731
+    h, _, keep, mean, rstd = fwd()
+    report("residual_norm_fwd", timed(many(fwd)) / calls, nbytes=9 * elems, shape=[rows, n])
+    _autotuned("residual_norm_fwd", rk._fwd_kernel, 9 * elems)
+    default = rk._PROGRAMS_PER_SM
+    for per_sm in (2, 4, 8, 16):
+        rk._PROGRAMS_PER_SM = per_sm
+        bwd = lambda: rk.residual_norm_backward(dln, dh, h, keep, mean, rstd, w, 0.1, dt)  # noqa: E731
+        bwd()
+        report(f"residual_norm_bwd_{per_sm}_per_sm", timed(many(bwd)) / calls, nbytes=11 * elems,
+               best=str(rk._bwd_kernel.best_config))
+        _autotuned(f"residual_norm_bwd_{per_sm}_per_sm", rk._bwd_kernel, 11 * elems)
+    rk._PROGRAMS_PER_SM = default
+
+    def separate():
+        out, _ = dk.bias_dropout_add(y, b, r, seed, 0.1, 0)
+        return lk.layer_norm_with_stats(out, w, nb, 1e-5)
+    report("separate_epilogue_and_layernorm_fwd", timed(many(separate)) / calls, nbytes=11 * elems)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -169,6 +169,7 @@ def main():
                  mem_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                  warmup_s=round(warm_s, 1), gpu=torch.cuda.get_device_name() if cuda else "cpu",
                  triton_dropout=any(getattr(m, "bda_kernel", None) is not None for m in trainer.model.modules()),
+                 residual_norm=any(getattr(m, "residual_norm", False) for m in trainer.model.modules()),
                  flat_adamw=getattr(trainer.optimizer, "flat", None) is not None)
         print("RESULT", json.dumps(r), flush=True)
     ps.destroy()

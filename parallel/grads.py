@@ -66,22 +66,26 @@ def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter], ps: 
         _allreduce_coalesced(grads, ps.tp_group)
 
 
-def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type: float = 2.0) -> torch.Tensor:
-    """Global gradient norm (fp32 scalar tensor), the same on every rank."""
-    params = [p for p in params if p.grad is not None]
-    device = params[0].grad.device if params else ps.device
+def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type: float = 2.0,
+              grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Global gradient norm (fp32 scalar tensor), the same on every rank. ``grads``: one per param, to
+    use instead of ``p.grad`` (e.g. 16-bit grads not yet copied into fp32 masters: the norm is
+    computed in fp32 either way)."""
+    pairs = [(p, g) for p, g in zip(params, grads)] if grads is not None else [(p, p.grad) for p in params]
+    pairs = [(p, g) for p, g in pairs if g is not None]
+    device = pairs[0][1].device if pairs else ps.device
     if norm_type == float("inf"):
         local = torch.zeros((), dtype=torch.float32, device=device)
-        for p in params:
-            local = torch.maximum(local, p.grad.detach().abs().max().float())
+        for _, g in pairs:
+            local = torch.maximum(local, g.detach().abs().max().float())
         if ps.tp_size > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.tp_group)
         return local
     # Replicated params count on TP rank 0 only. Elsewhere they still enter the sum times 0, and
     # 0 * NaN = NaN, so a non-finite replicated grad on any rank poisons the global norm (skipped
     # step). Two fused multi-tensor norms, no host→device copy: the whole thing can be graph-captured.
-    counted = [p.grad.detach() for p in params if is_tp_sharded(p) or ps.tp_rank == 0]
-    poison_only = [p.grad.detach() for p in params if not (is_tp_sharded(p) or ps.tp_rank == 0)]
+    counted = [g.detach() for p, g in pairs if is_tp_sharded(p) or ps.tp_rank == 0]
+    poison_only = [g.detach() for p, g in pairs if not (is_tp_sharded(p) or ps.tp_rank == 0)]
     total = torch.zeros((), dtype=torch.float32, device=device)
     if counted:
         total = total + torch.stack(torch._foreach_norm(counted, norm_type, dtype=torch.float32)).pow(norm_type).sum()

@@ -64,6 +64,42 @@ def interpret() -> None:
             assert not torch.equal(got[0], tensors[0]) and torch.equal(got[1], tensors[1])
         print(f"OK interpret case {i}: n={n} step={step} lr={lr} grad_scale={scale} found_inf={found} wd={wd} "
               f"{str(dtype)[6:]}: master, exp_avg, exp_avg_sq bit-identical to flat_update_torch")
+    check_table_kernel([flat_adamw.BLOCK + 5, 70, 3 * flat_adamw.BLOCK, 1, 9 * flat_adamw.BLOCK + 64], 7)
+
+
+def check_table_kernel(sizes: list[int], seed: int) -> None:
+    """The table kernel (16-bit grads read in place, one tensor per program block) against the flat
+    kernel on their fp32 copies: master, moments and 16-bit weights bit-identical, the layout's
+    alignment gaps untouched."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter((torch.randn(n, generator=g) * 0.05).bfloat16()) for n in sizes]
+    groups = [params[:2], params[2:]]
+    runs = []
+    for use_table in (False, True):
+        flat = flat_adamw.FlatBuffers([[torch.nn.Parameter(p.detach().clone()) for p in grp] for grp in groups])
+        gen = torch.Generator().manual_seed(seed + 1)
+        flat.exp_avg.copy_(torch.randn(flat.numel, generator=gen) * 0.01)
+        flat.exp_avg_sq.copy_(torch.rand(flat.numel, generator=gen) * 1e-4)
+        flat.exp_avg[flat._padding] = 0.0
+        flat.exp_avg_sq[flat._padding] = 0.0
+        grads16 = [(torch.randn(n, generator=gen) * 2).bfloat16() for n in sizes]
+        for k, hyper in enumerate((dict(HYPER, weight_decay=0.01), dict(HYPER, weight_decay=0.0))):
+            a, b = flat.group_ranges[k]
+            step, lr, scale, found = (torch.tensor(v) for v in (3.0, 1e-3, 1.7, 0.0))
+            if use_table:
+                flat_adamw.table_update_triton(flat, k, flat.pointer_table(grads16), step, lr, scale, found, **hyper)
+            else:
+                grad = torch.zeros(flat.numel)
+                for o, t in zip(flat.offsets, grads16):
+                    grad[o:o + t.numel()] = t.float()
+                flat_adamw.flat_update_triton(flat.master[a:b], grad[a:b], flat.exp_avg[a:b], flat.exp_avg_sq[a:b],
+                                              flat.weight[a:b], step, lr, scale, found, **hyper)
+        runs.append((flat.master, flat.exp_avg, flat.exp_avg_sq, flat.weight))
+    for name, want, got in zip(("master", "exp_avg", "exp_avg_sq", "16-bit weight"), *runs):
+        if not torch.equal(want, got):
+            raise SystemExit(f"FAIL table kernel {sizes}: {name} differs from the flat kernel's")
+    print(f"OK interpret table kernel, tensors of {sizes} in 2 groups: bit-identical to the flat kernel on "
+          f"fp32 copies of the grads")
 
 
 def _arg_type(name: str, consts: dict, weight_dtype: str) -> str:
@@ -96,6 +132,23 @@ def compile_sm90() -> None:
             assert "fma.rn.f32" not in ptx, "fp32 FMA contraction must be off"
             assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, "vectorised loads and stores"
             print(f"OK compile sm90: weight {wdt}, weight_decay {wd}: {len(k.asm['cubin'])} bytes of cubin")
+    table = flat_adamw._adamw_table_kernel
+    consts = flat_adamw.kernel_constexprs(0.9, 0.999, 0.01)
+    del consts["WRITE_WEIGHT"]
+    consts["SUBBLOCKS"] = flat_adamw.TABLE_SUBBLOCKS
+    types = {"grad_table_ptr": "*i64", "tensor_offset_ptr": "*i64", "tensor_numel_ptr": "*i64",
+             "block_tensor_ptr": "*i32", "block_start_ptr": "*i32", "weight_ptr": "*bf16"}
+    sig = {k: "constexpr" if k in consts else types.get(k, "*fp32" if k.endswith("_ptr") else "fp32")
+           for k in table.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(table.arg_names) if k.endswith("_ptr")}
+    k = triton.compile(ASTSource(fn=table, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": flat_adamw.NUM_WARPS, "enable_fp_fusion": False})
+    ptx = k.asm["ptx"]
+    # the grads (through the table) and the flat buffers, vectorised: 16-bit grads 4 at a time at least
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx and "fma.rn.f32" not in ptx
+    assert "ld.global.v2.b32" in ptx or "ld.global.v4.b16" in ptx or "ld.global.v2.b16" in ptx, "16-bit grad loads"
+    print(f"OK compile sm90: table kernel, weight bf16: {len(k.asm['cubin'])} bytes of cubin")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Checks of the model's Triton kernels (bias + GeLU with its bias-grad column sum, the QKV gradient
-pack, the bias + dropout + residual epilogue) that need Triton but no GPU. Run by tests/test_kernels.py when MEGATRON_BERT_TEST_TRITON=1, or:
+pack, the bias + dropout + residual epilogue, the epilogue + LayerNorm kernels and the encoder's path on
+them) that need Triton but no GPU. Run by tests/test_kernels.py when MEGATRON_BERT_TEST_TRITON=1, or:
 
     TRITON_INTERPRET=1 python tests/kernel_checks.py interpret   # against float64 / torch references
     python tests/kernel_checks.py compile                        # compiles each kernel for sm90
@@ -15,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_bert import triton_support  # noqa: E402
-from megatron_bert.model import dropout_kernels, gelu_kernels, layernorm_kernels, qkv_kernels  # noqa: E402
+from megatron_bert.model import (dropout_kernels, gelu_kernels, layernorm_kernels, qkv_kernels,  # noqa: E402
+                                 residual_norm_kernels)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -144,9 +146,96 @@ def check_bias_dropout_add(shape: tuple, p: float, salt: int, seed: int) -> None
           f"within one bf16 ulp, kept {kept:.3f}")
 
 
+def _close(a: torch.Tensor, ref: torch.Tensor, rel_floor: float) -> bool:
+    """bf16 ``a`` within one bf16 ulp of float64 ``ref``, plus ``rel_floor`` times ref's largest
+    magnitude (fp32 cancellation in sums over a row)."""
+    ulp = ref.abs() * 2.0 ** -7 + rel_floor * ref.abs().max()
+    return bool(((a.double() - ref).abs() <= ulp).all())
+
+
+def check_residual_norm(shape: tuple, p: float, salt: int, seed: int, grad_h: bool, device: str = "cpu") -> None:
+    """residual_norm_kernels against float64 (also run on the GPU by tests/test_gpu.py)."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    y, r, dln, dh = (torch.randn(shape, generator=g).bfloat16().to(device) for _ in range(4))
+    b, nb, w = (t.bfloat16().to(device) for t in (0.5 * torch.randn(n, generator=g), 0.2 * torch.randn(n, generator=g),
+                                                  1 + 0.3 * torch.randn(n, generator=g)))
+    s = torch.tensor([123456789 + seed], dtype=torch.int64, device=device)
+    leaves = [t.clone().requires_grad_() for t in (y, b, r, w, nb)]
+    yt, bt, rt, wt, nbt = leaves
+    h, normed, keep, mean, rstd = residual_norm_kernels.residual_norm_with_stats(yt, bt, rt, s, p, salt, wt, nbt, 1e-5)
+    scale = 1.0 / (1.0 - p)
+    want_h = r.float() + torch.where(keep, (y.float() + b.float()) * scale, 0.0)
+    h64 = h.detach().double().requires_grad_()  # the LayerNorm normalises the stored (rounded) h
+    w64, nb64 = (t.double().requires_grad_() for t in (w, nb))
+    ln64 = torch.nn.functional.layer_norm(h64, (n,), w64, nb64, 1e-5)
+    stats_ok = torch.allclose(mean.double().squeeze(-1), h64.mean(-1), atol=1e-5) and torch.allclose(
+        rstd.double().squeeze(-1), (h64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5)
+    if not (_within_ulp(h, want_h) and _close(normed, ln64, 1e-6) and stats_ok):
+        raise SystemExit(f"FAIL residual_norm {shape} p={p}: h, LN(h) or the statistics are off (stats ok {stats_ok})")
+    kept = keep.float().mean().item()
+    if p == 0 and not bool(keep.all()) or p > 0 and abs(kept - (1 - p)) > 5 * (p * (1 - p) / keep.numel()) ** 0.5:
+        raise SystemExit(f"FAIL residual_norm {shape} p={p}: kept {kept:.4f}")
+    torch.autograd.backward((normed, h) if grad_h else (normed,), (dln, dh) if grad_h else (dln,))
+    ln64.backward(dln.double())
+    want_dres = h64.grad + (dh.double() if grad_h else 0.0)
+    want_dy = torch.where(keep, rt.grad.double() * scale, 0.0)  # of the rounded grad of h, as autograd does
+    want_db = yt.grad.double().reshape(-1, n).sum(0)
+    errs = {"d residual": _close(rt.grad, want_dres, 1e-5), "d y": _close(yt.grad, want_dy, 0.0),
+            "d bias": _close(bt.grad, want_db, 1e-6), "d weight": _close(wt.grad, w64.grad, 1e-5),
+            "d norm bias": _close(nbt.grad, nb64.grad, 1e-6)}
+    if not all(errs.values()):
+        raise SystemExit(f"FAIL residual_norm backward {shape} p={p} grad_h={grad_h}: {errs}")
+    print(f"OK {device} residual_norm {shape} p={p} salt={salt} grad_h={grad_h}: h = r + (y + b)·keep/(1-p), "
+          f"LN(h), statistics and the five grads within one bf16 ulp of float64, kept {kept:.3f}")
+
+
+def check_encoder_fused(layers: int, seed: int) -> None:
+    """The encoder's fused path (each residual epilogue and the next LayerNorm in one kernel each way,
+    LN(x) handed from layer to layer) computes what its plain path computes: output and every grad,
+    fp32, dropout off (the compiled epilogues of the GPU path are swapped for their eager functions)."""
+    from megatron_bert.config import ModelConfig, ModelRuntime
+    from megatron_bert.model import fused
+    from megatron_bert.model.dropout import DropoutContext
+    from megatron_bert.model.transformer import TransformerEncoder
+    from parallel import ParallelState
+    from parallel.init import normal_init
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(num_layers=layers, hidden_size=64, num_attention_heads=2, vocab_size=128,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    enc = TransformerEncoder(cfg, ModelRuntime(dropout_impl="native", fuse_elementwise=True),
+                             ParallelState.single("cpu"), normal_init(0.02), normal_init(0.02))
+    for p_ in enc.parameters():  # LayerNorms away from (1, 0), so their grads are not trivial
+        p_.data.add_(0.1 * torch.randn_like(p_))
+    for layer in enc.layers:
+        layer.mlp.bias_act, layer.fused_bda = fused.bias_gelu, fused.bias_dropout_add
+    dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=12, seq_offset=0)
+    x = torch.randn(12, 3, 64)
+    mask = torch.ones(3, 1, 12, 12, dtype=torch.bool)
+    mask[1, ..., 9:] = False  # one padded sequence
+    results = []
+    for use_fused in (False, True):
+        for layer in enc.layers:
+            layer.residual_norm = use_fused
+        enc.zero_grad()
+        xt = x.clone().requires_grad_()
+        out = enc(xt, mask, dctx)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float32)).view_as(out))
+        results.append([out.detach(), xt.grad] + [p_.grad.clone() for p_ in enc.parameters()])
+    names = ["output", "d input"] + [n for n, _ in enc.named_parameters()]
+    for name, a, ref in zip(names, results[1], results[0]):
+        err = _rel(a, ref.double())
+        if err > 1e-5:
+            raise SystemExit(f"FAIL encoder fused path ({layers} layers): {name} off the plain path by {err:.3g}")
+    print(f"OK interpret encoder fused path ({layers} layers, fp32, padded batch): output and "
+          f"{len(names) - 1} grads within 1e-5 of the plain path")
+
+
 def interpret() -> None:
     # The interpreter cannot time autotune candidates: keep one tile shape of each GeLU kernel.
-    for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel, layernorm_kernels._layer_norm_fwd_kernel):
+    for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel, layernorm_kernels._layer_norm_fwd_kernel,
+                   residual_norm_kernels._fwd_kernel, residual_norm_kernels._bwd_kernel):
         kernel.configs = kernel.configs[:1]
     check_gelu(64 * 3 + 5, 256, 0)    # a ragged last row block
     check_gelu(100, 192, 1)           # columns not a multiple of the tile
@@ -158,6 +247,10 @@ def interpret() -> None:
     check_qkv_pack(40, 4, 3, 32, 3)   # 160 tokens: 2.5 blocks
     check_bias_dropout_add((70, 3, 96), 0.1, 0, 4)   # 20160 elements: a ragged last program, rows % 64 != 0
     check_bias_dropout_add((16, 2, 256), 0.5, 1, 5)  # salted
+    check_residual_norm((45, 3, 256), 0.1, 0, 10, True)   # 135 rows: ragged programs (8 of 17 rows)
+    check_residual_norm((7, 2, 96), 0.0, 0, 11, False)    # a row narrower than its tile, nothing dropped
+    check_residual_norm((16, 4, 128), 0.5, 3, 12, False)  # salted, no grad of h (the last layer's epilogue)
+    check_encoder_fused(2, 13)
 
 
 def compile_sm90() -> None:
@@ -183,6 +276,12 @@ def compile_sm90() -> None:
     build(dropout_kernels._bda_fwd_kernel, {**bf, "r_ptr": "*bf16", "keep_ptr": "*i1", "seed_ptr": "*i64",
                                             "scale": "fp32"},
           {"N_COLS": 1024, "BLOCK": dropout_kernels._BLOCK})
+    rn = {**bf, "r_ptr": "*bf16", "w_ptr": "*bf16", "lb_ptr": "*bf16", "h_ptr": "*bf16", "keep_ptr": "*i8",
+          "ln_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "seed_ptr": "*i64", "scale": "fp32",
+          "eps": "fp32", "dln_ptr": "*bf16", "dres_ptr": "*bf16", "dy_ptr": "*bf16"}
+    build(residual_norm_kernels._fwd_kernel.fn, rn, {"N_COLS": 1024, "Q": 256, "DROP": True, "ROWS": 4}, 4)
+    build(residual_norm_kernels._bwd_kernel.fn, rn, {"N_COLS": 1024, "BLOCK_N": 1024, "HAS_DRES": True,
+                                                     "ROWS_PER_PROGRAM": 32, "ROWS": 1}, 4)
     k = build(qkv_kernels._pack_kernel, {**bf, "n_tokens": "i64", "batch": "i64"},
               {"HEADS": 16, "HEAD_DIM": 64, "ROWS": qkv_kernels._ROWS})
     if "st.global.v4.b32" not in k.asm["ptx"] and "st.global.v2.b32" not in k.asm["ptx"]:

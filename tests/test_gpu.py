@@ -2,7 +2,9 @@
 CUDA-graphed step against the eager one, fresh dropout per replay, the Triton GeLU and LayerNorm
 kernels, the fused QKV projection, the compiled cross-entropy, a graphed bf16 run with async
 checkpoints resumed mid-way, the Triton dropout keep-mask (alone) and residual epilogue (in a
-compiled layer), and a compiled run restarted on a warm Inductor cache. The flat AdamW's GPU tests
+compiled layer), the residual epilogue + LayerNorm kernels and the encoder path on them, compiled
+graphed steps against eager ones (bf16 grads read in place), and a compiled run restarted on a warm
+Inductor cache. The flat AdamW's GPU tests
 are in test_gpu_flat_adamw.py."""
 import json
 import subprocess
@@ -261,6 +263,66 @@ def test_compiled_layer_dropout_uses_the_mask_kernel_and_scales_like_torch():
     assert torch.equal(residual.grad, torch.ones_like(y))
     # the bias grad is the column sum of the (bf16) grad of y, rounded once to bf16
     torch.testing.assert_close(bias.grad.float(), y.grad.float().sum((0, 1)), rtol=4e-3, atol=0)
+
+
+@needs_cuda
+def test_residual_layer_norm_kernels_and_the_encoder_path_built_on_them():
+    """The fused residual epilogue + LayerNorm (residual_norm_kernels) at the 345M activation shape and
+    a ragged one against float64, both ways; a compiled bf16 encoder on it against its plain path
+    (separate epilogue and LayerNorm kernels), dropout off: output and grads agree to bf16 precision."""
+    import kernel_checks
+    from megatron_bert.config import ModelConfig, ModelRuntime
+    from megatron_bert.model.dropout import DropoutContext
+    from megatron_bert.model.transformer import TransformerEncoder
+    from parallel import ParallelState
+    from parallel.init import normal_init
+
+    kernel_checks.check_residual_norm((512, 32, 1024), 0.1, 0, 1, True, "cuda")
+    kernel_checks.check_residual_norm((45, 3, 1000), 0.25, 2, 2, False, "cuda")
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=3, hidden_size=256, num_attention_heads=4, vocab_size=1000,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    enc = TransformerEncoder(cfg, ModelRuntime(dropout_impl="native", fuse_elementwise=True),
+                             ParallelState.single(torch.device("cuda", 0)), normal_init(0.02), normal_init(0.02))
+    enc = enc.to(torch.bfloat16)
+    assert all(layer.residual_norm for layer in enc.layers)
+    for layer in enc.layers:
+        layer.compile_halves()
+    dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=128, seq_offset=0)
+    x = torch.randn(128, 8, 256, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(x)
+    runs = []
+    for fused_path in (False, True):
+        for layer in enc.layers:
+            layer.residual_norm = fused_path
+        enc.zero_grad()
+        xt = x.clone().requires_grad_()
+        out = enc(xt, None, dctx)
+        out.backward(dout)
+        runs.append([out.float(), xt.grad.float()] + [p.grad.float() for p in enc.parameters()])
+    names = ["output", "d input"] + [n for n, _ in enc.named_parameters()]
+    for name, a, ref in zip(names, runs[1], runs[0]):
+        assert ((a - ref).norm() / ref.norm()).item() < 2e-2, name
+
+
+@needs_cuda
+def test_compiled_graphed_steps_match_compiled_eager_steps(monkeypatch):
+    """train.compile (the Triton epilogue + LayerNorm path) with one micro-batch per step (the bf16
+    grads read in place by the flat AdamW) and the step captured as a CUDA graph computes the losses of
+    the same model run eagerly, and of the run that copies its grads to fp32 first; dropout off."""
+    from gpu_steps import step_losses
+
+    eager, _ = step_losses(cuda_graph=False, dropout=0.0, compile=True, micro_batches=1)
+    graphed, trainer = step_losses(cuda_graph=True, dropout=0.0, compile=True, micro_batches=1)
+    assert all(layer.residual_norm for layer in trainer.model.bert.encoder.layers)
+    assert trainer.optimizer.deferred is not None  # the captured step read the bf16 grads in place
+    monkeypatch.setenv("MEGATRON_BERT_DEFER_GRAD_COPY", "0")
+    copied, t2 = step_losses(cuda_graph=True, dropout=0.0, compile=True, micro_batches=1)
+    assert t2.optimizer.deferred is None
+    for step, (a, b, c) in enumerate(zip(eager, graphed, copied), 1):
+        assert abs(a - b) <= 2e-3 * abs(a), f"step {step}: graphed loss {b} vs eager {a}"
+        assert abs(c - b) <= 1e-4 * abs(c), f"step {step}: in-place grads loss {b} vs copied {c}"
+    assert graphed[-1] < graphed[0]
 
 
 @needs_cuda

@@ -1,7 +1,8 @@
 """GPU tests of the flat AdamW (megatron_bert/training/flat_adamw.py; skipped without CUDA + Triton): the
 Triton kernel against torch's fused AdamW (today's GPU path) and, bit for bit, against the same update in
-torch ops; a CUDA-graph capture of a flat step replayed against eager steps; the trainer with and without
-it (MEGATRON_BERT_FLAT_ADAMW=0)."""
+torch ops; the deferred grad copy (bf16 grads read in place) bit for bit against the copy; a CUDA-graph
+capture of a flat step (copied or deferred grads) replayed against eager steps; the trainer with and
+without it (MEGATRON_BERT_FLAT_ADAMW=0)."""
 import pytest
 import torch
 
@@ -38,11 +39,12 @@ def _grads(model, step, micro=2):
              for p in model.parameters()] for i in range(micro)]
 
 
-def _step(model, opt, grads, coef, finite):
+def _step(model, opt, grads, coef, finite, fresh=False):
+    """``fresh``: each grad a new tensor, as autograd's (a capture then sees addresses of its own)."""
     opt.zero_grad()
     for mb in grads:
         for p, g in zip(model.parameters(), mb):
-            p.grad = g
+            p.grad = g.clone() if fresh else g
         opt.accumulate_grads()
     step_if_finite(opt, opt.masters, coef, finite)
 
@@ -57,15 +59,18 @@ def _state(model, opt):
     return out
 
 
-def _run(opt_kind: str):
+def _run(opt_kind: str, micro: int = 2, defer: bool = False):
     model = _model()
     opt = MasterWeightsOptimizer(model, _make, flat=opt_kind != "torch-fused")
     if opt_kind == "flat-torch":
         opt.optimizer.impl = "torch"
+    if defer:
+        assert opt.enable_deferred_copy()
     states = []
     for step, (coef, finite) in PLAN.items():
         SCHEDULE.apply(opt, step)
-        _step(model, opt, _grads(model, step), torch.tensor(coef, device="cuda"), torch.tensor(finite, device="cuda"))
+        _step(model, opt, _grads(model, step, micro), torch.tensor(coef, device="cuda"),
+              torch.tensor(finite, device="cuda"))
         states.append(_state(model, opt))
     return model, opt, states
 
@@ -106,16 +111,38 @@ def test_triton_kernel_equals_the_torch_implementation_bit_for_bit():
                 assert n == 0, f"step {step} tensor {k} {what}: {n} elements differ (max {worst:.3g})"
 
 
-def test_a_flat_step_captured_in_a_cuda_graph_replays_like_eager_steps():
+@pytest.mark.parametrize("micro", [1, 2])
+def test_the_deferred_grad_copy_steps_bit_for_bit_like_the_copy(micro):
+    """enable_deferred_copy: with one micro-batch the table kernel reads the bf16 grads in place; with two
+    the first micro-batch's grads go to fp32 when the second comes. Either way the states are those of
+    the copying path, bit for bit (the skipped step and the clipping included)."""
+    _, _, copied = _run("flat-triton", micro)
+    model, opt, deferred = _run("flat-triton", micro, defer=True)
+    opt.zero_grad()
+    for p, g in zip(model.parameters(), _grads(model, 0, micro)[0]):
+        p.grad = g
+    opt.accumulate_grads()
+    assert (opt.deferred is not None) and opt.flat.grad is None and all(m.grad is None for m in opt.masters)
+    for step, (cs, ds) in enumerate(zip(copied, deferred)):
+        for k, (c, d) in enumerate(zip(cs, ds)):
+            for what, a, b in zip(("master", "exp_avg", "exp_avg_sq", "step", "weight"), c, d):
+                assert torch.equal(a, b), f"step {step} tensor {k} {what}: deferred differs from the copy"
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_a_flat_step_captured_in_a_cuda_graph_replays_like_eager_steps(defer):
     eager_model, graph_model = _model(), _model()
     eager = MasterWeightsOptimizer(eager_model, _make, flat=True)
     graphed = MasterWeightsOptimizer(graph_model, _make, flat=True)
-    static = [[torch.empty_like(g) for g in mb] for mb in _grads(graph_model, 0)]
+    if defer:  # one micro-batch, the grads read in place through a pointer table uploaded in the graph
+        assert eager.enable_deferred_copy() and graphed.enable_deferred_copy()
+    micro = 1 if defer else 2
+    static = [[torch.empty_like(g) for g in mb] for mb in _grads(graph_model, 0, micro)]
     coef, finite = torch.ones((), device="cuda"), torch.ones((), dtype=torch.bool, device="cuda")
 
     def feed(step):
         c, f = PLAN[step % len(PLAN)]
-        grads = _grads(graph_model, step)
+        grads = _grads(graph_model, step, micro)
         for dst, src in zip(static, grads):
             torch._foreach_copy_(dst, src)
         coef.fill_(c)
@@ -126,11 +153,14 @@ def test_a_flat_step_captured_in_a_cuda_graph_replays_like_eager_steps():
 
     for step in (0, 1):  # eager warm-up of the graphed optimizer (Triton compiles here)
         feed(step)
-        _step(graph_model, graphed, static, coef, finite)
+        _step(graph_model, graphed, static, coef, finite, fresh=defer)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        _step(graph_model, graphed, static, coef, finite)
+    with torch.cuda.graph(graph):  # deferred: the grads' pointer table is uploaded inside the graph
+        _step(graph_model, graphed, static, coef, finite, fresh=defer)
+    assert (graphed.deferred is not None) == defer
+    if defer:
+        assert any(captured for _, _, captured in graphed.flat._pointer_tables.values())
     for step in range(2, 8):  # includes the skipped step (PLAN[2]) and LR changes between replays
         feed(step)
         graph.replay()

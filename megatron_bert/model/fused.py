@@ -5,7 +5,9 @@ into a single pass over memory). Compilation is opt-in (``ModelRuntime.fuse_elem
 falls back to eager if it is unavailable. bias + erf-GeLU has its own Triton kernels
 (gelu_kernels.py), used where Triton and a GPU are there (``MEGATRON_BERT_TRITON_GELU=0`` turns
 them off, for A/B benchmarks); so has bias + dropout + residual in training, mask draw included
-(dropout_kernels.py, ``MEGATRON_BERT_TRITON_DROPOUT=0``).
+(dropout_kernels.py, ``MEGATRON_BERT_TRITON_DROPOUT=0``), and that epilogue together with the
+LayerNorm after it (residual_norm_kernels.py, ``MEGATRON_BERT_TRITON_RESIDUAL_NORM=0``), which the
+encoder uses where it can.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
-from . import dropout_kernels, layernorm_kernels, qkv_kernels
+from . import dropout_kernels, layernorm_kernels, qkv_kernels, residual_norm_kernels
 from .fused import bias_dropout_add, compiled, fused_bias_activation
 from .norm import make_layernorm
 
@@ -160,6 +160,10 @@ class TransformerLayer(nn.Module):
             self.bda_kernel = compiled(dropout_kernels.fused_bias_dropout_add)
         # GPU with Triton: the two LayerNorm forwards are one kernel each (layernorm_kernels.py).
         self.norm_kernel = rt.fuse_elementwise and layernorm_kernels.available()
+        # GPU with Triton: each residual epilogue and the LayerNorm after it are one kernel each way
+        # (residual_norm_kernels.py); the encoder then runs forward_fused, which hands LN(x) on.
+        self.residual_norm = (rt.fuse_elementwise and rt.dropout_impl == "native" and rt.recompute != "full"
+                              and residual_norm_kernels.available())
         # Sequence-parallel shards hold different tokens: salt their masks apart (TP rank); without
         # SP the region is replicated and every TP rank must draw the same mask.
         self.mask_salt = ps.tp_rank if sp else 0
@@ -190,6 +194,28 @@ class TransformerLayer(nn.Module):
         # Two halves, so that a compiler can take them one at a time (compile_halves).
         return self.mlp_block(self.attention_block(x, mask, dctx), dctx)
 
+    # ---- the fused path: every half takes its LayerNorm'd input and returns (h, next LayerNorm of h)
+    def _residual_norm(self, y, bias, residual, dctx: DropoutContext, norm_weight, norm_bias, eps: float):
+        p = self.cfg.hidden_dropout if dctx.active(self.cfg.hidden_dropout) else 0.0
+        return residual_norm_kernels.residual_norm(y, bias, residual, p, self.mask_salt, norm_weight, norm_bias, eps)
+
+    def attention_block_fused(self, x, x_normed, mask, dctx: DropoutContext):
+        y = self.attention(x_normed, mask, dctx)
+        n = self.post_attention_layernorm
+        return self._residual_norm(y, self.attention.dense.bias, x, dctx, n.weight, n.bias, n.eps)
+
+    def mlp_block_fused(self, x, x_normed, dctx: DropoutContext, norm_weight, norm_bias, eps: float):
+        # the next LayerNorm's tensors come as arguments (not the module): one graph serves every layer
+        y = self.mlp(x_normed)
+        return self._residual_norm(y, self.mlp.dense_4h_to_h.bias, x, dctx, norm_weight, norm_bias, eps)
+
+    def forward_fused(self, x: torch.Tensor, x_normed: torch.Tensor, mask: torch.Tensor | None,
+                      dctx: DropoutContext, next_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on ``(x, input_layernorm(x))`` → ``(out, next_norm(out))``, ``next_norm`` being the
+        next layer's input LayerNorm or the final one (``self.residual_norm`` must be True)."""
+        h, h_normed = self.attention_block_fused(x, x_normed, mask, dctx)
+        return self.mlp_block_fused(h, h_normed, dctx, next_norm.weight, next_norm.bias, next_norm.eps)
+
     def compile_halves(self, mode: str = "default") -> None:
         """torch.compile the attention half and the MLP half as two graphs.
 
@@ -200,6 +226,8 @@ class TransformerLayer(nn.Module):
         """
         self.attention_block = torch.compile(self.attention_block, mode=mode)
         self.mlp_block = torch.compile(self.mlp_block, mode=mode)
+        self.attention_block_fused = torch.compile(self.attention_block_fused, mode=mode)
+        self.mlp_block_fused = torch.compile(self.mlp_block_fused, mode=mode)
 
 
 class TransformerEncoder(nn.Module):
@@ -210,9 +238,19 @@ class TransformerEncoder(nn.Module):
         self.final_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, rt.sequence_parallel)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        if self.layers and self.layers[0].residual_norm and not torch.is_autocast_enabled(x.device.type):
+            return self._forward_fused(x, mask, dctx)
         for layer in self.layers:
             if self.rt.recompute == "full" and torch.is_grad_enabled():
                 x = checkpoint(layer, dctx.tracker, x, mask, dctx)
             else:
                 x = layer(x, mask, dctx)
         return self.final_layernorm(x)
+
+    def _forward_fused(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        """The same function, each residual epilogue fused with the LayerNorm that reads its result."""
+        nexts = [layer.input_layernorm for layer in self.layers[1:]] + [self.final_layernorm]
+        normed = self.layers[0]._norm(self.layers[0].input_layernorm, x)
+        for layer, next_norm in zip(self.layers, nexts):
+            x, normed = layer.forward_fused(x, normed, mask, dctx, next_norm)
+        return normed

@@ -31,6 +31,13 @@ torch's fused AdamW they agree to a few ulps, except that torch's CUDA kernel fo
 fp32 from an fp32 beta (1 - 0.999f is 1.3e-5 off 0.001) where this one, like torch's CPU AdamW, uses
 ``1 - beta`` computed in fp64: exp_avg_sq differs from torch's CUDA result by that factor.
 
+With one micro-batch per step and no all-reduce between backward and step, the copy of the 16-bit grads
+into the flat fp32 grad buffer (0.63 ms at 345M on H200) is skipped: ``FlatBuffers.grads16`` holds them
+where autograd left them, and a second kernel (``_adamw_table_kernel``, the same update and rounding)
+reads each through a table of their addresses, uploaded per step without a host sync (see
+:meth:`FlatBuffers.pointer_table` for what CUDA-graph capture needs of it). optim.MasterWeightsOptimizer
+decides when (``enable_deferred_copy``).
+
 One launch per group is exact only while every step counter is equal, i.e. every master had a grad in
 every step (torch skips params whose grad is None and does not advance their step). The first step in
 which some master has no grad switches to torch's own fused AdamW over the same views for good (then a
@@ -39,18 +46,15 @@ the counters.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
-from ..triton_support import tl, triton, usable  # triton is None on CPU-only installs: torch below
+from ..triton_support import usable
+from .flat_adamw_kernels import (BLOCK, NUM_WARPS, TABLE_SUBBLOCKS, _adamw_kernel, _adamw_table_kernel,  # noqa: F401
+                                 _log2, flat_update_triton, kernel_constexprs, table_update_triton)
 
 ALIGN = 64  # elements: every tensor starts 256-byte (fp32) / 128-byte (16-bit) aligned, for vector loads
-# Elements per program and warps: the fastest of 11 shapes timed on H200 at 345M elements
-# (bench/bench_kernels.py --ours-only: 2.43 ms = 4.1 TB/s, against 2.66 ms for 4096 / 8 warps).
-BLOCK = 1024
-NUM_WARPS = 8
 
 
 def available() -> bool:
@@ -96,6 +100,12 @@ class FlatBuffers:
         # would add 4 bytes per parameter to the peak (+1.25 GiB at 345M, measured on H200).
         self.grad: torch.Tensor | None = None
         self.grads: list[torch.Tensor] | None = None
+        # Or, with one micro-batch and nothing to all-reduce (MasterWeightsOptimizer.enable_deferred_copy),
+        # the step's 16-bit grads as autograd left them, read by the optimizer through a pointer table.
+        self.grads16: list[torch.Tensor] | None = None
+        self._tables = None  # per group: (block → tensor, block → element offset) on the device
+        self._pointer_tables: dict[tuple, tuple] = {}  # grad addresses → (host copy, device table, captured)
+        self._spare_host: torch.Tensor | None = None  # pinned, for an upload during capture
         # the alignment gap after each tensor (< ALIGN elements each), zeroed in every fresh grad buffer
         gaps = [torch.arange(o + s.numel(), o + -(-s.numel() // ALIGN) * ALIGN)
                 for o, s in zip(self.offsets, self.shapes)]
@@ -123,67 +133,58 @@ class FlatBuffers:
         return self.grads
 
     def release_grads(self) -> None:
-        self.grad = self.grads = None
+        self.grad = self.grads = self.grads16 = None
+
+    def block_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group, which tensor each program of the table kernel works on and where in it (int32 each,
+        TABLE_SUBBLOCKS · BLOCK elements per program), and the flat offset and size of every tensor
+        (int64): fixed by the layout."""
+        if self._tables is None:
+            tensor, start, first = [], [], 0
+            for size in self.group_sizes:
+                ts, ss = [], []
+                span = BLOCK * TABLE_SUBBLOCKS
+                for i in range(first, first + size):
+                    blocks = -(-self.shapes[i].numel() // span)
+                    ts += [i] * blocks
+                    ss += range(0, blocks * span, span)
+                tensor.append(torch.tensor(ts, dtype=torch.int32, device=self.device))
+                start.append(torch.tensor(ss, dtype=torch.int32, device=self.device))
+                first += size
+            offsets = torch.tensor(self.offsets, dtype=torch.int64, device=self.device)
+            numels = torch.tensor([s.numel() for s in self.shapes], dtype=torch.int64, device=self.device)
+            self._tables = (list(zip(tensor, start)), offsets, numels)
+        return self._tables
+
+    def pointer_table(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The addresses of ``grads`` as an int64 device tensor, uploaded from pinned memory without a host
+        sync. During CUDA-graph capture the upload becomes a graph node that reads its host buffer at
+        every replay, so host buffer and device table are kept for as long as this object lives: one
+        entry per distinct set of addresses (a graphed run has the capture's; eager steps usually repeat
+        theirs, and past 16 sets the eager ones are dropped). torch copies only pinned host memory in a
+        capture, and pinning there would query CUDA events: each eager call leaves a pinned buffer ready
+        for the capture that may follow."""
+        key = tuple(g.data_ptr() for g in grads)
+        cuda = self.device.type == "cuda"
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        entry = self._pointer_tables.get(key)
+        if entry is None:
+            if len(self._pointer_tables) >= 16 and not capturing:
+                self._pointer_tables = {k: v for k, v in self._pointer_tables.items() if v[2]}  # keep captured
+            spare = self._spare_host if self._spare_host is not None and self._spare_host.numel() == len(key) else None
+            host = spare if capturing and spare is not None else torch.empty(len(key), dtype=torch.int64,
+                                                                              pin_memory=cuda)
+            if host is spare:
+                self._spare_host = None
+            host.copy_(torch.tensor(key, dtype=torch.int64))
+            entry = (host, host.to(self.device, non_blocking=True), capturing)
+            self._pointer_tables[key] = entry
+        if cuda and not capturing and self._spare_host is None:
+            self._spare_host = torch.empty(len(key), dtype=torch.int64, pin_memory=True)
+        return entry[1]
 
 
-# --------------------------------------------------------------------------- the update
-if triton is not None:
-    @triton.jit
-    def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, step_ptr, lr_ptr, scale_ptr,
-                      found_ptr, n, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                      LOG2_BETA1: tl.constexpr, LOG2_BETA2: tl.constexpr, DECAY: tl.constexpr,
-                      WRITE_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
-        # Every program reads the skip flag first: a skipped step (found_inf != 0) reads no tensor data.
-        found = tl.load(found_ptr)
-        if found == 0.0:
-            # Bias corrections in fp64 like torch's kernel (1 - b**step cancels badly in fp32), rounded
-            # to fp32. log2(beta) comes as a constexpr (fp64 here; a float argument would be fp32).
-            step = tl.load(step_ptr).to(tl.float64) + 1.0
-            bc1 = (1.0 - tl.exp2(step * tl.full([], LOG2_BETA1, tl.float64))).to(tl.float32)
-            bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.full([], LOG2_BETA2, tl.float64))).to(tl.float32)
-            lr = tl.load(lr_ptr)
-            step_size = tl.div_rn(lr, bc1)
-            scale = tl.load(scale_ptr)
-            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: >2**31 elements
-            mask = offs < n
-            g = tl.div_rn(tl.load(grad_ptr + offs, mask=mask, other=0.0), scale)
-            p = tl.load(master_ptr + offs, mask=mask, other=0.0)
-            m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
-            v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
-            if DECAY:
-                p = p - (lr * weight_decay) * p
-            m = beta1 * m + one_minus_beta1 * g
-            v = beta2 * v + (one_minus_beta2 * g) * g
-            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-            p = p - tl.div_rn(step_size * m, denom)
-            tl.store(master_ptr + offs, p, mask=mask)
-            tl.store(exp_avg_ptr + offs, m, mask=mask)
-            tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
-            if WRITE_WEIGHT:
-                tl.store(weight_ptr + offs, p.to(weight_ptr.dtype.element_ty), mask=mask)
-
-
-def _log2(beta: float) -> float:
-    return math.log2(beta) if beta > 0 else -math.inf  # beta = 0: beta**step = 0
-
-
-def kernel_constexprs(beta1: float, beta2: float, weight_decay: float, write_weight: bool = True) -> dict:
-    return {"LOG2_BETA1": _log2(beta1), "LOG2_BETA2": _log2(beta2), "DECAY": weight_decay != 0,
-            "WRITE_WEIGHT": write_weight, "BLOCK": BLOCK}
-
-
-def flat_update_triton(master, grad, exp_avg, exp_avg_sq, weight, step, lr, grad_scale, found_inf, *,
-                       beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
-    """The update of one contiguous slice in one launch (arguments as in :func:`flat_update_torch`)."""
-    n = master.numel()
-    # fp_fusion off: no FMA contraction, so the kernel rounds exactly where flat_update_torch does
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-        master, grad, exp_avg, exp_avg_sq, master if weight is None else weight, step, lr, grad_scale, found_inf,
-        n, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
-        **kernel_constexprs(beta1, beta2, weight_decay, weight is not None), num_warps=NUM_WARPS,
-        enable_fp_fusion=False)
-
-
+# --------------------------------------------------------------------------- the update (torch ops)
 def flat_update_torch(master, grad, exp_avg, exp_avg_sq, weight, step, lr, grad_scale, found_inf, *,
                       beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
     """The kernel's update in torch ops, rounding for rounding (fp32 tensors, every scalar rounded to fp32
@@ -274,7 +275,7 @@ class FlatAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("FlatAdamW.step takes no closure")
-        if self.exact:
+        if self.exact and self.flat.grads16 is None:
             missing = next((k for k, m in enumerate(self.flat.masters) if m.grad is None), None)
             if missing is not None:
                 self.exact = False
@@ -282,7 +283,12 @@ class FlatAdamW(torch.optim.AdamW):
                 warnings.warn(f"FlatAdamW: {self.fallback_reason}; stepping with torch's fused AdamW from now on",
                               stacklevel=2)
         flat = self.flat
-        if not self.exact or flat.grad is None:  # no flat grads this step (set from outside): per tensor
+        table = None
+        if flat.grads16 is not None:  # the 16-bit grads where autograd left them (MasterWeightsOptimizer)
+            if not self.reads_grads16:
+                raise RuntimeError("FlatAdamW: 16-bit grads handed over, but this optimizer cannot read them")
+            table = flat.pointer_table(flat.grads16)
+        elif not self.exact or flat.grad is None:  # no flat grads this step (set from outside): per tensor
             return self._generic_step()
         scale = self._device_scalar(getattr(self, "grad_scale", None), self._one, "grad_scale")
         found = self._device_scalar(getattr(self, "found_inf", None), self._zero, "found_inf")
@@ -295,10 +301,20 @@ class FlatAdamW(torch.optim.AdamW):
             if not (isinstance(lr, torch.Tensor) and lr.device == flat.device and lr.dtype == torch.float32):
                 lr = self._lr[k].copy_(lr) if isinstance(lr, torch.Tensor) else self._lr[k].fill_(lr)
             b1, b2 = g["betas"]
+            hyper = dict(beta1=float(b1), beta2=float(b2), eps=float(g["eps"]), weight_decay=float(g["weight_decay"]))
+            step = flat.steps[self._first[k]]
+            if table is not None:
+                table_update_triton(flat, k, table, step, lr.reshape(()), scale.reshape(()), found.reshape(()), **hyper)
+                continue
             update(flat.master[a:b], flat.grad[a:b], flat.exp_avg[a:b], flat.exp_avg_sq[a:b], flat.weight[a:b],
-                   flat.steps[self._first[k]], lr.reshape(()), scale.reshape(()), found.reshape(()),
-                   beta1=float(b1), beta2=float(b2), eps=float(g["eps"]), weight_decay=float(g["weight_decay"]))
+                   step, lr.reshape(()), scale.reshape(()), found.reshape(()), **hyper)
         flat.steps.add_(found == 0)  # after the launches: they read the count before this step
+
+    @property
+    def reads_grads16(self) -> bool:
+        """Whether :meth:`step` can read this step's 16-bit grads where autograd left them
+        (``flat.grads16``): the Triton path while every step counter is equal."""
+        return self.exact and self.impl == "triton"
 
     def _generic_step(self):
         """torch's fused AdamW (per-param step counters, params without grad untouched), then the

@@ -167,6 +167,7 @@ class MasterWeightsOptimizer:
         self.masters: list[torch.nn.Parameter] = []
         self.master_of: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
         self.flat = None
+        self._defer = False  # enable_deferred_copy
         if flat:
             from .flat_adamw import FlatBuffers
 
@@ -207,10 +208,60 @@ class MasterWeightsOptimizer:
         if self.flat is not None:
             self.flat.release_grads()
 
+    def enable_deferred_copy(self) -> bool:
+        """Let a step of one micro-batch skip the 16-bit → fp32 grad copy: :meth:`accumulate_grads` then
+        keeps the first micro-batch's grads where autograd left them (:attr:`deferred`, for the grad norm)
+        and the flat AdamW reads them through a pointer table (−0.6 ms copy and −0.2 ms of norm traffic
+        at 345M on H200). Only for callers that do nothing else with master grads between backward and
+        step (no DP or sequence-parallel all-reduce, no fp16 unscaling): the trainer decides. A second
+        micro-batch, an unaligned grad or an optimizer that cannot read them copies as before. Returns
+        whether it is on (flat AdamW on its Triton path)."""
+        opt = self.optimizer
+        self._defer = self.flat is not None and bool(getattr(opt, "reads_grads16", False))
+        return self._defer
+
+    @property
+    def deferred(self) -> list[torch.Tensor] | None:
+        """This step's 16-bit grads, one per master in order, while their copy is deferred (else None)."""
+        return self.flat.grads16 if self.flat is not None else None
+
+    def materialize_grads(self) -> None:
+        """Copy deferred 16-bit grads into the fp32 master grads (what accumulate_grads does otherwise)."""
+        pending = self.deferred
+        if pending is None:
+            return
+        self.flat.grads16 = None
+        with torch.no_grad():
+            views = self.flat.attach_grads()
+            for m, v in zip(self.masters, views):
+                m.grad = v
+            torch._foreach_copy_(views, pending)
+
     def accumulate_grads(self) -> None:
         """Low-precision grads → fp32 master grads (copy on the first micro-batch, add after), in
-        multi-tensor kernels: one launch for ~300 tensors instead of one each."""
+        multi-tensor kernels: one launch for ~300 tensors instead of one each. With
+        :meth:`enable_deferred_copy`, the first micro-batch's grads stay as they are until a second
+        one comes (then both go to fp32) or the step reads them."""
+        if self.deferred is not None:
+            self.materialize_grads()
+        self._accumulate(defer=self._defer)
+
+    def _can_defer(self) -> bool:
+        if any(m.grad is not None for m in self.masters):
+            return False
+        for p in self.model_params:
+            g = p.grad
+            if g is None or g.dtype != p.dtype or g.shape != p.shape or not g.is_contiguous() or g.data_ptr() % 16:
+                return False
+        return True
+
+    def _accumulate(self, defer: bool) -> None:
         with torch.no_grad():
+            if defer and self._can_defer():
+                self.flat.grads16 = [p.grad for p in self.model_params]
+                for p in self.model_params:
+                    p.grad = None
+                return
             fresh, acc = ([], []), ([], [])
             flat_grads = self.flat.attach_grads() if self.flat is not None else None
             for i, (p, m) in enumerate(zip(self.model_params, self.masters)):
@@ -228,6 +279,8 @@ class MasterWeightsOptimizer:
                 torch._foreach_add_(*acc)
 
     def step(self) -> None:
+        if self.deferred is not None and not self.optimizer.reads_grads16:
+            self.materialize_grads()  # e.g. the flat AdamW fell back to torch's (a param without grad)
         self.optimizer.step()
         if self.flat is None:  # the flat optimizer writes the 16-bit weights itself
             with torch.no_grad():

@@ -107,6 +107,10 @@ class Trainer:
             self.model.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
             self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer, flat=use_flat_adamw(ps.device, graphed))
             self.opt_params = self.optimizer.masters
+            if self._grads_stay_local() and os.environ.get("MEGATRON_BERT_DEFER_GRAD_COPY", "1") != "0":
+                # nothing touches the master grads between backward and step: a one-micro-batch step
+                # lets the flat AdamW read the bf16 grads in place (MEGATRON_BERT_DEFER_GRAD_COPY=0: A/B)
+                self.optimizer.enable_deferred_copy()
         else:
             self.optimizer = make_optimizer(self.model)
             self.opt_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -130,6 +134,7 @@ class Trainer:
                         layer.compile_halves(cfg.train.compile_mode)
                     else:  # MEGATRON_BERT_COMPILE_UNIT=layer: one graph per layer (A/B runs)
                         layer.compile(mode=cfg.train.compile_mode)
+                        layer.forward_fused = torch.compile(layer.forward_fused, mode=cfg.train.compile_mode)
             else:
                 # Measured on H100 (BENCHMARKS.md): with TP collectives inside, the compiled layer
                 # breaks into many graphs and runs slower than eager, so only the epilogues compile.
@@ -152,6 +157,12 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"model: {cfg.model.name} ({n_params * ps.tp_size / 1e6:.1f}M params, "
                  f"{n_params / 1e6:.1f}M per rank) | {ps}")
+
+    def _grads_stay_local(self) -> bool:
+        """No DP all-reduce, no sequence-parallel grad sum, no fp16 unscaling between backward and step."""
+        ps = self.ps
+        return ps.dp_size == 1 and not (ps.tp_size > 1 and self.cfg.parallel.sequence_parallel) \
+            and self.cfg.train.precision == "bf16"
 
     def _use_cuda_graph(self) -> bool:
         if not self.cfg.train.cuda_graph:
@@ -333,12 +344,16 @@ class Trainer:
         self._enter("forward/backward", n)
         out = self.task.forward_backward(self.model, micro_batches, self._backward, self.autocast)
         self._enter(faults.GRAD_ALLREDUCE, n)
+        deferred = self.optimizer.deferred if self.mixed else None  # bf16 grads read in place (one micro-batch)
+        if deferred is not None and not self._grads_stay_local():
+            self.optimizer.materialize_grads()
+            deferred = None
         allreduce_sequence_parallel_grads(params, self.ps)
         allreduce_data_parallel_grads(params, self.ps, average=False)  # losses are globally normalised
         if self.scaler.enabled:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / self.scaler.scale)
         self._enter("gradient-norm all-reduce", n)
-        norm = grad_norm(params, self.ps)
+        norm = grad_norm(params, self.ps, grads=deferred)
         # The norm is all-reduced and the loss DP-reduced (and TP-identical): every rank decides alike.
         finite = torch.isfinite(norm) & torch.isfinite(torch.as_tensor(out["loss"], device=norm.device))
         self._enter("optimizer step", n)
