@@ -135,7 +135,7 @@ class FlatBuffers:
     def release_grads(self) -> None:
         self.grad = self.grads = self.grads16 = None
 
-    def block_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def block_tables(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
         """Per group, which tensor each program of the table kernel works on and where in it (int32 each,
         TABLE_SUBBLOCKS · BLOCK elements per program), and the flat offset and size of every tensor
         (int64): fixed by the layout."""
