@@ -1,7 +1,8 @@
 """The flat mixed-precision AdamW (megatron_bert/training/flat_adamw.py) on CPU, through its torch
 implementation: the same steps as today's per-tensor MasterWeightsOptimizer + torch AdamW (micro-batch
 accumulation, clipping through ``grad_scale``, a skipped non-finite step, a changing LR), the exact
-fallback when a param has no grad, and checkpoints that load into the flat buffers in place. The
+fallback when a param has no grad, the deferred grad copy (16-bit grads read by the step) against the
+copy, and checkpoints that load into the flat buffers in place. The
 Triton kernel itself is checked by tests/flat_adamw_checks.py (needs Triton; MEGATRON_BERT_TEST_TRITON=1)
 and on a GPU by tests/test_gpu_flat_adamw.py."""
 import copy
@@ -189,22 +190,72 @@ def test_trainer_steps_with_the_flat_optimizer(monkeypatch, tmp_path):
 
     from megatron_bert.training import trainer as trainer_mod
 
-    def losses(flat: bool):
+    def losses(flat: bool, micro: int = 2):
         monkeypatch.setattr(trainer_mod, "use_flat_adamw", lambda device, capturable=False: flat)
-        cfg = small_config(3, global_batch_size=4, micro_batch_size=2, device="cpu")
-        cfg.run_dir = str(tmp_path / f"flat_{flat}")
+        cfg = small_config(3, global_batch_size=4, micro_batch_size=micro, device="cpu")
+        cfg.run_dir = str(tmp_path / f"flat_{flat}_{micro}")
         cfg.model.update(num_layers=2, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
                          attention_dropout=0.0)
         cfg.data.update(seq_length=32)
         return run_steps(cfg, ParallelState.single(), 3)
+
+    def same_run(base, flat, t_base, t_flat):
+        for a, b in zip(base, flat):
+            assert abs(a - b) <= 1e-5 * abs(a), (base, flat)
+        # three steps at lr 1e-4 barely move the loss: the masters tell (updates ~1e-4, the two AdamW
+        # implementations a few ulps apart)
+        for (n, p), q in zip(t_base.model.named_parameters(), t_flat.model.parameters()):
+            diff = (t_base.optimizer.master_of[p] - t_flat.optimizer.master_of[q]).abs().max().item()
+            assert diff <= 1e-6, (n, diff)
 
     base, t0 = losses(False)
     flat, t1 = losses(True)
     assert t0.optimizer.flat is None and isinstance(t1.optimizer.optimizer, FlatAdamW)
     assert t1.optimizer.optimizer.exact, t1.optimizer.optimizer.fallback_reason
     assert t1.opt_params is t1.optimizer.masters
-    for a, b in zip(base, flat):
-        assert abs(a - b) <= 1e-5 * abs(a), (base, flat)
+    same_run(base, flat, t0, t1)
+    # one micro-batch per step: the trainer defers the grad copy (the norm and the step read the bf16
+    # grads) and still steps as the per-tensor optimizer does
+    base, t0 = losses(False, micro=4)
+    flat, t2 = losses(True, micro=4)
+    assert t2.optimizer.deferred is not None and t2.optimizer.flat.grad is None
+    same_run(base, flat, t0, t2)
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_the_deferred_grad_copy_steps_exactly_like_the_copy(micro):
+    """enable_deferred_copy: with one micro-batch no fp32 master grad exists before the step, which (and
+    the grad norm) reads the 16-bit grads; with two, the first micro-batch's grads go to fp32 when the
+    second comes; a step where a param has no grad copies, and the optimizer's fallback reads the
+    copies. The states are those of the copying path bit for bit (clipping, a skipped step, LR
+    changes), the norms too."""
+    runs = []
+    for defer in (False, True):
+        model = _model()
+        opt = MasterWeightsOptimizer(model, _cpu_optimizer, flat=True)
+        assert opt.enable_deferred_copy() or not defer
+        states, norms = [], []
+        with pytest.warns(UserWarning, match="had no grad"):
+            for step in PLAN:
+                SCHEDULE.apply(opt, step)
+                opt.zero_grad()
+                for mb in _grads(model, step, micro):
+                    for n, p in model.named_parameters():
+                        p.grad = None if (step == 4 and n == "0.bias") else mb[n].clone()
+                    opt.accumulate_grads()
+                if defer:
+                    assert (opt.deferred is not None) == (micro == 1 and step < 4)
+                    assert (opt.flat.grad is None) == (opt.deferred is not None)
+                norms.append(grad_norm(opt.masters, ParallelState.single(), grads=opt.deferred))
+                coef, finite = PLAN[step]
+                step_if_finite(opt, opt.masters, torch.tensor(coef), torch.tensor(finite))
+                states.append(_named_state(model, opt))
+        assert not opt.optimizer.exact  # step 4 switched it to torch's AdamW for good
+        runs.append((states, norms))
+    (ref_states, ref_norms), (states, norms) = runs
+    for step, (r, d) in enumerate(zip(ref_states, states)):
+        _compare(r, d, exact=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref_norms, norms)), (ref_norms, norms)
 
 
 def test_a_param_without_grad_falls_back_to_torch_exactly():

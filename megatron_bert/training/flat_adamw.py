@@ -283,11 +283,15 @@ class FlatAdamW(torch.optim.AdamW):
                 warnings.warn(f"FlatAdamW: {self.fallback_reason}; stepping with torch's fused AdamW from now on",
                               stacklevel=2)
         flat = self.flat
-        table = None
+        table, grad = None, flat.grad
         if flat.grads16 is not None:  # the 16-bit grads where autograd left them (MasterWeightsOptimizer)
             if not self.reads_grads16:
                 raise RuntimeError("FlatAdamW: 16-bit grads handed over, but this optimizer cannot read them")
-            table = flat.pointer_table(flat.grads16)
+            if self.impl == "triton":
+                table = flat.pointer_table(flat.grads16)
+            else:  # the torch update takes a flat fp32 copy (the CPU path, where tests check the bookkeeping)
+                grad = torch.zeros(flat.numel, dtype=torch.float32, device=flat.device)
+                torch._foreach_copy_(flat.views(grad), flat.grads16)
         elif not self.exact or flat.grad is None:  # no flat grads this step (set from outside): per tensor
             return self._generic_step()
         scale = self._device_scalar(getattr(self, "grad_scale", None), self._one, "grad_scale")
@@ -306,15 +310,16 @@ class FlatAdamW(torch.optim.AdamW):
             if table is not None:
                 table_update_triton(flat, k, table, step, lr.reshape(()), scale.reshape(()), found.reshape(()), **hyper)
                 continue
-            update(flat.master[a:b], flat.grad[a:b], flat.exp_avg[a:b], flat.exp_avg_sq[a:b], flat.weight[a:b],
+            update(flat.master[a:b], grad[a:b], flat.exp_avg[a:b], flat.exp_avg_sq[a:b], flat.weight[a:b],
                    step, lr.reshape(()), scale.reshape(()), found.reshape(()), **hyper)
         flat.steps.add_(found == 0)  # after the launches: they read the count before this step
 
     @property
     def reads_grads16(self) -> bool:
         """Whether :meth:`step` can read this step's 16-bit grads where autograd left them
-        (``flat.grads16``): the Triton path while every step counter is equal."""
-        return self.exact and self.impl == "triton"
+        (``flat.grads16``): while every step counter is equal (the Triton path through a pointer table,
+        the torch path from a flat fp32 copy it makes itself)."""
+        return self.exact
 
     def _generic_step(self):
         """torch's fused AdamW (per-param step counters, params without grad untouched), then the

@@ -215,7 +215,7 @@ class MasterWeightsOptimizer:
         at 345M on H200). Only for callers that do nothing else with master grads between backward and
         step (no DP or sequence-parallel all-reduce, no fp16 unscaling): the trainer decides. A second
         micro-batch, an unaligned grad or an optimizer that cannot read them copies as before. Returns
-        whether it is on (flat AdamW on its Triton path)."""
+        whether it is on (the flat AdamW; its torch path, used on CPU by tests, copies inside its step)."""
         opt = self.optimizer
         self._defer = self.flat is not None and bool(getattr(opt, "reads_grads16", False))
         return self._defer
@@ -247,8 +247,8 @@ class MasterWeightsOptimizer:
         self._accumulate(defer=self._defer)
 
     def _can_defer(self) -> bool:
-        if any(m.grad is not None for m in self.masters):
-            return False
+        if not self.optimizer.reads_grads16 or any(m.grad is not None for m in self.masters):
+            return False  # (the flat AdamW fell back to torch's: it reads fp32 grads)
         for p in self.model_params:
             g = p.grad
             if g is None or g.dtype != p.dtype or g.shape != p.shape or not g.is_contiguous() or g.data_ptr() % 16:
