@@ -190,6 +190,21 @@ def check_residual_norm(shape: tuple, p: float, salt: int, seed: int, grad_h: bo
           f"LN(h), statistics and the five grads within one bf16 ulp of float64, kept {kept:.3f}")
 
 
+def encoder_both_paths(enc, x: torch.Tensor, mask, dctx, dout: torch.Tensor):
+    """``enc``'s output, input grad and parameter grads (fp32) on its plain path, then on its fused path
+    (the layers' ``residual_norm`` off, then on), with their names: for this file and tests/test_gpu.py."""
+    runs = []
+    for fused_path in (False, True):
+        for layer in enc.layers:
+            layer.residual_norm = fused_path
+        enc.zero_grad()
+        xt = x.clone().requires_grad_()
+        out = enc(xt, mask, dctx)
+        out.backward(dout)
+        runs.append([out.detach().float(), xt.grad.float()] + [p.grad.float() for p in enc.parameters()])
+    return ["output", "d input"] + [n for n, _ in enc.named_parameters()], runs[0], runs[1]
+
+
 def check_encoder_fused(layers: int, seed: int) -> None:
     """The encoder's fused path (each residual epilogue and the next LayerNorm in one kernel each way,
     LN(x) handed from layer to layer) computes what its plain path computes: output and every grad,
@@ -214,17 +229,9 @@ def check_encoder_fused(layers: int, seed: int) -> None:
     x = torch.randn(12, 3, 64)
     mask = torch.ones(3, 1, 12, 12, dtype=torch.bool)
     mask[1, ..., 9:] = False  # one padded sequence
-    results = []
-    for use_fused in (False, True):
-        for layer in enc.layers:
-            layer.residual_norm = use_fused
-        enc.zero_grad()
-        xt = x.clone().requires_grad_()
-        out = enc(xt, mask, dctx)
-        out.backward(torch.cos(torch.arange(out.numel(), dtype=torch.float32)).view_as(out))
-        results.append([out.detach(), xt.grad] + [p_.grad.clone() for p_ in enc.parameters()])
-    names = ["output", "d input"] + [n for n, _ in enc.named_parameters()]
-    for name, a, ref in zip(names, results[1], results[0]):
+    dout = torch.cos(torch.arange(x.numel(), dtype=torch.float32)).view_as(x)
+    names, plain, fused_path = encoder_both_paths(enc, x, mask, dctx, dout)
+    for name, a, ref in zip(names, fused_path, plain):
         err = _rel(a, ref.double())
         if err > 1e-5:
             raise SystemExit(f"FAIL encoder fused path ({layers} layers): {name} off the plain path by {err:.3g}")

@@ -290,18 +290,8 @@ def test_residual_layer_norm_kernels_and_the_encoder_path_built_on_them():
         layer.compile_halves()
     dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=128, seq_offset=0)
     x = torch.randn(128, 8, 256, device="cuda", dtype=torch.bfloat16)
-    dout = torch.randn_like(x)
-    runs = []
-    for fused_path in (False, True):
-        for layer in enc.layers:
-            layer.residual_norm = fused_path
-        enc.zero_grad()
-        xt = x.clone().requires_grad_()
-        out = enc(xt, None, dctx)
-        out.backward(dout)
-        runs.append([out.float(), xt.grad.float()] + [p.grad.float() for p in enc.parameters()])
-    names = ["output", "d input"] + [n for n, _ in enc.named_parameters()]
-    for name, a, ref in zip(names, runs[1], runs[0]):
+    names, plain, fused_path = kernel_checks.encoder_both_paths(enc, x, None, dctx, torch.randn_like(x))
+    for name, a, ref in zip(names, fused_path, plain):
         assert ((a - ref).norm() / ref.norm()).item() < 2e-2, name
 
 

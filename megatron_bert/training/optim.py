@@ -216,8 +216,7 @@ class MasterWeightsOptimizer:
         step (no DP or sequence-parallel all-reduce, no fp16 unscaling): the trainer decides. A second
         micro-batch, an unaligned grad or an optimizer that cannot read them copies as before. Returns
         whether it is on (the flat AdamW; its torch path, used on CPU by tests, copies inside its step)."""
-        opt = self.optimizer
-        self._defer = self.flat is not None and bool(getattr(opt, "reads_grads16", False))
+        self._defer = self.flat is not None  # whether a step can read them: _can_defer asks the optimizer
         return self._defer
 
     @property
@@ -279,9 +278,7 @@ class MasterWeightsOptimizer:
                 torch._foreach_add_(*acc)
 
     def step(self) -> None:
-        if self.deferred is not None and not self.optimizer.reads_grads16:
-            self.materialize_grads()  # e.g. the flat AdamW fell back to torch's (a param without grad)
-        self.optimizer.step()
+        self.optimizer.step()  # deferred grads only where it reads them (_can_defer; else it raises)
         if self.flat is None:  # the flat optimizer writes the 16-bit weights itself
             with torch.no_grad():
                 torch._foreach_copy_(self.model_params, self.masters)

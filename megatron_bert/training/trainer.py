@@ -344,10 +344,8 @@ class Trainer:
         self._enter("forward/backward", n)
         out = self.task.forward_backward(self.model, micro_batches, self._backward, self.autocast)
         self._enter(faults.GRAD_ALLREDUCE, n)
-        deferred = self.optimizer.deferred if self.mixed else None  # bf16 grads read in place (one micro-batch)
-        if deferred is not None and not self._grads_stay_local():
-            self.optimizer.materialize_grads()
-            deferred = None
+        # bf16 grads read in place (one micro-batch; only deferred where _grads_stay_local, see setup)
+        deferred = self.optimizer.deferred if self.mixed else None
         allreduce_sequence_parallel_grads(params, self.ps)
         allreduce_data_parallel_grads(params, self.ps, average=False)  # losses are globally normalised
         if self.scaler.enabled:
