@@ -5,6 +5,7 @@ LayerNorm, fused AdamW. Prints ``KERNEL {json}`` lines (median of CUDA-event tim
     python bench/bench_kernels.py --ours-only   # launch shapes of our flat AdamW and keep-mask kernels
     python bench/bench_kernels.py --gelu        # our bias + GeLU kernels (both ways) against torch's
     python bench/bench_kernels.py --residual-norm  # the fused epilogue + LayerNorm against the separate kernels
+    python bench/bench_kernels.py --gemm-backends  # the layer's 12 GEMMs: cuBLAS, cuBLASLt, Inductor max-autotune
 """
 from __future__ import annotations
 
@@ -51,7 +52,12 @@ def main():
     p.add_argument("--gelu", action="store_true", help="only our bias + GeLU kernels, against torch's GeLU")
     p.add_argument("--residual-norm", action="store_true",
                    help="only the fused residual epilogue + LayerNorm kernels, against the separate ones")
+    p.add_argument("--gemm-backends", action="store_true",
+                   help="only the layer's GEMMs, under cuBLAS, cuBLASLt and Inductor's max-autotune")
+    p.add_argument("--no-autotune", action="store_true", help="with --gemm-backends: the two BLAS libraries only")
     a = p.parse_args()
+    if a.gemm_backends:
+        return gemm_backends(a.seq * a.batch, a.hidden, autotune=not a.no_autotune)
     if a.residual_norm:
         return residual_norm_timing(a.seq * a.batch, a.hidden)
     if a.ours_only:
@@ -234,6 +240,45 @@ def residual_norm_timing(rows: int, n: int, calls: int = 20) -> None:
         out, _ = dk.bias_dropout_add(y, b, r, seed, 0.1, 0)
         return lk.layer_norm_with_stats(out, w, nb, 1e-5)
     report("separate_epilogue_and_layernorm_fwd", timed(many(separate)) / calls, nbytes=11 * elems)
+
+
+def gemm_backends(t: int, h: int, calls: int = 10, autotune: bool = True) -> None:
+    """Each GEMM of one layer (forward, input grad, weight grad of the four projections, in the
+    layouts autograd hands them) under torch's default BLAS (cuBLAS), cuBLASLt, and torch.compile's
+    max-autotune (Inductor's Triton templates against the BLAS call; the faster one is kept), timed
+    ``calls`` back to back so the launches overlap."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.max_autotune_gemm_backends = "ATEN,TRITON"
+    dynamo_config.cache_size_limit = 64  # one graph per shape and layout
+    dev, dt = "cuda", torch.bfloat16
+    cases = []
+    for name, n_out, k in (("qkv", 3 * h, h), ("proj", h, h), ("fc1", 4 * h, h), ("fc2", h, 4 * h)):
+        inp = torch.randn(t, k, device=dev, dtype=dt)
+        w = torch.randn(n_out, k, device=dev, dtype=dt) * 0.02
+        g = torch.randn(t, n_out, device=dev, dtype=dt)
+        cases += [(f"{name}_fwd", inp, w.t()), (f"{name}_dgrad", g, w), (f"{name}_wgrad", g.t(), inp)]
+
+    def many(fn, a_, b_):
+        return lambda: [fn(a_, b_) for _ in range(calls)]
+    for what, a_, b_ in cases:
+        fl = 2 * a_.shape[0] * a_.shape[1] * b_.shape[1]
+        row = {}
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            row[lib] = timed(many(torch.mm, a_, b_)) / calls
+        torch.backends.cuda.preferred_blas_library("cublas")
+        tuned = None
+        if autotune:
+            tuned = torch.compile(lambda x, y: x @ y, mode="max-autotune-no-cudagraphs", dynamic=False)
+        try:
+            if tuned is not None:
+                row["autotune"] = timed(many(tuned, a_, b_)) / calls
+        except Exception as e:  # no Triton template for this layout
+            print("KERNEL", json.dumps({"what": f"gemm_{what}_autotune", "error": str(e)[:160]}))
+        for lib, ms in row.items():
+            report(f"gemm_{what}_{lib}", ms, fl, shape=[a_.shape[0], b_.shape[1], a_.shape[1]])
 
 
 def triton_cdiv(a: int, b: int) -> int:

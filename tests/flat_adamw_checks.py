@@ -136,7 +136,7 @@ def compile_sm90() -> None:
     consts = flat_adamw.kernel_constexprs(0.9, 0.999, 0.01)
     del consts["WRITE_WEIGHT"]
     consts["SUBBLOCKS"] = flat_adamw.TABLE_SUBBLOCKS
-    types = {"grad_table_ptr": "*i64", "tensor_offset_ptr": "*i64", "tensor_numel_ptr": "*i64",
+    types = {"grad_table_ptr": "*i64", "block_flat_ptr": "*i64", "block_count_ptr": "*i32",
              "block_tensor_ptr": "*i32", "block_start_ptr": "*i32", "weight_ptr": "*bf16"}
     sig = {k: "constexpr" if k in consts else types.get(k, "*fp32" if k.endswith("_ptr") else "fp32")
            for k in table.arg_names}

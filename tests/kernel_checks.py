@@ -240,12 +240,16 @@ def check_encoder_fused(layers: int, seed: int) -> None:
 
 
 def interpret() -> None:
-    # The interpreter cannot time autotune candidates: keep one tile shape of each GeLU kernel.
+    # The interpreter cannot time autotune candidates: keep one tile shape of each kernel.
+    walk = gelu_kernels._fwd_kernel.configs[-1]  # the forward's row walk (its first config is one-shot)
+    assert walk.kwargs["ROWS_PER_PROGRAM"] > walk.kwargs["SUB_M"]
     for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel, layernorm_kernels._layer_norm_fwd_kernel,
                    residual_norm_kernels._fwd_kernel, residual_norm_kernels._bwd_kernel):
         kernel.configs = kernel.configs[:1]
-    check_gelu(64 * 3 + 5, 256, 0)    # a ragged last row block
+    check_gelu(128 + 69, 256, 0)      # a ragged last program (69 rows: its last sub-block part-filled)
     check_gelu(100, 192, 1)           # columns not a multiple of the tile
+    gelu_kernels._fwd_kernel.configs, gelu_kernels._fwd_kernel.cache = [walk], {}
+    check_gelu(128 + 69, 600, 2)      # the forward walking rows too
     check_layer_norm((37, 3, 1024), 8)  # 111 rows: a ragged last program whatever its row count
     check_layer_norm((50, 96), 9)       # a row narrower than its power-of-two tile
     check_column_sum(600, 40, 6)      # rows in three loads (256 + 256 + 88), columns not a multiple of 16
@@ -275,8 +279,8 @@ def compile_sm90() -> None:
 
     bf = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "dx_ptr": "*bf16",
           "partial_ptr": "*fp32", "out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16"}
-    build(gelu_kernels._fwd_kernel.fn, bf, {"BLOCK_M": 2, "BLOCK_N": 1024}, 4)
-    build(gelu_kernels._bwd_kernel.fn, bf, {"BLOCK_M": 64, "SUB_M": 64, "BLOCK_N": 64}, 4)
+    build(gelu_kernels._fwd_kernel.fn, bf, {"ROWS_PER_PROGRAM": 128, "SUB_M": 4, "BLOCK_N": 512}, 4)
+    build(gelu_kernels._bwd_kernel.fn, bf, {"ROWS_PER_PROGRAM": 128, "SUB_M": 8, "BLOCK_N": 512}, 4)
     build(layernorm_kernels._layer_norm_fwd_kernel.fn, {**bf, "w_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                                           "eps": "fp32"}, {"N_COLS": 1024, "BLOCK_N": 1024, "ROWS": 4})
     build(triton_support._column_sum_kernel, bf, {"N_ROWS": 256, "BLOCK_R": 256, "BLOCK_N": 16})

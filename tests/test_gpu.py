@@ -89,6 +89,32 @@ def test_triton_bias_gelu_matches_exact_gelu_both_ways_and_compiles():
 
 
 @needs_cuda
+def test_every_bias_gelu_tile_shape_is_exact():
+    """Each tile shape the autotuner may pick on some machine, forced one at a time: ragged programs
+    (rows not a multiple of the row walk or of its sub-blocks) and a column count no tile divides."""
+    from kernel_checks import gelu_accuracy
+
+    from megatron_bert.model import gelu_kernels as gk
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rows, n = 2 * 128 + 37, 1000
+    x = (3 * torch.randn(rows, n, device="cuda", generator=g)).bfloat16()
+    b = torch.randn(n, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(rows, n, device="cuda", generator=g).bfloat16()
+    for k in (gk._fwd_kernel, gk._bwd_kernel):  # one forced at a time, the other left to its autotuner
+        configs, cache = k.configs, k.cache
+        try:
+            for cfg in configs:
+                k.configs, k.cache = [cfg], {}
+                y = gk.bias_gelu(x, b)
+                dx, db = gk.bias_gelu_backward(dy, x, b)
+                wrong = gelu_accuracy(y.cpu(), dx.cpu(), db.cpu(), x.cpu(), b.cpu(), dy.cpu())
+                assert not wrong, f"{k.fn.__name__} {cfg}: {wrong}"
+        finally:
+            k.configs, k.cache = configs, cache
+
+
+@needs_cuda
 def test_triton_layer_norm_matches_torch_both_ways_eager_and_compiled():
     """Output, statistics and the grads of x, weight and bias against nn.LayerNorm in float64, bf16
     inputs; compiled, the backward (aten's formula on the saved statistics) goes through Inductor."""

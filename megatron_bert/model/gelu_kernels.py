@@ -68,56 +68,81 @@ if triton is not None:
         cdf = tl.where(z >= 0.0, 1.0 - tail, tail)
         return cdf, tl.exp2(-u2) * _INV_SQRT_2PI
 
-    # Tile shapes are timed on the device at first use (autotune, during the eager warm-up steps). With
-    # the cheap CDF, 8-16 elements per thread beat 64 (3.4 vs 2.7 TB/s on H200, bench_kernels --gelu):
-    # less unrolled code, more warps in flight.
-    @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w)
-                              for m, n, w in ((1, 1024, 4), (2, 512, 4), (2, 1024, 4), (2, 1024, 8), (4, 1024, 4),
-                                              (4, 1024, 8), (8, 512, 4), (8, 1024, 4))],
+    # A program walks ROWS_PER_PROGRAM rows of one BLOCK_N-column strip, SUB_M rows at a time, the next
+    # sub-block's loads issued before the current one is computed (in registers). The bias is loaded
+    # once per program with the tile's own shape: a 1-D vector broadcast over the tile is converted
+    # through shared memory. Tile shapes are timed on the device at first use (autotune, during the
+    # eager warm-up steps). On H200 (bench_kernels --gelu, session 7) the forward was fastest as
+    # one-shot 2 × 1024 tiles (74 µs, from 78 with the vector bias; walking 128 rows: 78), the
+    # backward walking 128 rows in 2 × 512 sub-blocks (109 µs = 3.7 TB/s, from 121 for one-shot
+    # 64 × 64 tiles).
+    _ROWS_PER_PROGRAM = 128  # the backward's, fixed: its partial-sum buffer has one row per program
+
+    @triton.jit
+    def _load_tile(ptr, rows, cols, end, n_cols):
+        # [rows, cols] of a row-major [*, n_cols] tensor; rows from `end` on and columns past the last
+        # read as 0 (and move no memory)
+        inside = (rows[:, None] < end) & (cols[None, :] < n_cols)
+        return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=inside, other=0.0)
+
+    # The forward's row count per program is tuned too (it leaves no partial sums): one-shot tiles
+    # (ROWS_PER_PROGRAM = SUB_M) and one row walk.
+    @triton.autotune(configs=[triton.Config({"ROWS_PER_PROGRAM": r, "SUB_M": m, "BLOCK_N": n}, num_warps=w)
+                              for r, m, n, w in ((2, 2, 1024, 4), (1, 1, 1024, 4), (4, 4, 1024, 4), (4, 4, 1024, 8),
+                                                 (4, 4, 512, 4), (8, 8, 512, 4), (2, 2, 1024, 8), (128, 4, 512, 4))],
                      key=["n_cols"])
     @triton.jit
-    def _fwd_kernel(x_ptr, b_ptr, y_ptr, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # 2-D tiles: the bias is loaded once per column block, the rows stream past it
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _fwd_kernel(x_ptr, b_ptr, y_ptr, n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr, SUB_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        first = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM
+        end = tl.minimum(first + ROWS_PER_PROGRAM, n_rows)
+        sub = tl.arange(0, SUB_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-        offs = rows[:, None] * n_cols + cols[None, :]
-        b = tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        z = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32) + b[None, :]
-        cdf, _ = _normal_cdf_pdf(z)
-        y = z * cdf
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
+        b = _load_tile(b_ptr, sub * 0, cols, 1, n_cols).to(tl.float32)  # [SUB_M, BLOCK_N], rows repeating
+        x_next = _load_tile(x_ptr, first + sub, cols, end, n_cols)
+        for r0 in range(0, ROWS_PER_PROGRAM, SUB_M):
+            rows = first + r0 + sub
+            x = x_next
+            x_next = _load_tile(x_ptr, rows + SUB_M, cols, end, n_cols)
+            z = x.to(tl.float32) + b
+            cdf, _ = _normal_cdf_pdf(z)
+            inside = (rows[:, None] < end) & (cols[None, :] < n_cols)
+            tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], (z * cdf).to(y_ptr.dtype.element_ty),
+                     mask=inside)
 
-    _BWD_ROWS = 64  # rows per program: fixed, so the partial-sum buffer has one row per program
-
-    # The best backward tile had 32 elements per thread per sub-block (3.3 TB/s); 16 are tried too.
     @triton.autotune(configs=[triton.Config({"SUB_M": m, "BLOCK_N": n}, num_warps=w)
-                              for m, n, w in ((64, 32, 4), (32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 128, 4),
-                                              (64, 128, 8), (16, 512, 4))],
+                              for m, n, w in ((4, 512, 4), (2, 512, 4), (4, 256, 4), (2, 1024, 4), (2, 1024, 8),
+                                              (8, 256, 4), (16, 128, 4), (8, 128, 4))],
                      key=["n_cols"])
     @triton.jit
-    def _bwd_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, partial_ptr, n_rows, n_cols,
-                    BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # A program owns BLOCK_M rows × BLOCK_N columns and walks them SUB_M rows at a time, keeping
-        # the bias grad's column sums in registers.
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_cols
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        col_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for r in tl.static_range(0, BLOCK_M, SUB_M):
-            rows = pid_m.to(tl.int64) * BLOCK_M + r + tl.arange(0, SUB_M)
-            inside = (rows[:, None] < n_rows) & col_ok[None, :]
-            offs = rows[:, None] * n_cols + cols[None, :]
-            g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-            z = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32) + b[None, :]
+    def _bwd_kernel(g_ptr, x_ptr, b_ptr, dx_ptr, partial_ptr, n_rows, n_cols, ROWS_PER_PROGRAM: tl.constexpr,
+                    SUB_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # dx = g · (Φ(z) + z φ(z)), z = x + b, and the bias grad's column sums of dx over the program's
+        # rows, kept per row slot in registers and folded across rows once at the end (an axis-0 sum
+        # per sub-block would cross warps through shared memory every time).
+        pid_m = tl.program_id(0)
+        first = pid_m.to(tl.int64) * ROWS_PER_PROGRAM
+        end = tl.minimum(first + ROWS_PER_PROGRAM, n_rows)
+        sub = tl.arange(0, SUB_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = _load_tile(b_ptr, sub * 0, cols, 1, n_cols).to(tl.float32)
+        acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
+        g_next = _load_tile(g_ptr, first + sub, cols, end, n_cols)
+        x_next = _load_tile(x_ptr, first + sub, cols, end, n_cols)
+        for r0 in range(0, ROWS_PER_PROGRAM, SUB_M):
+            rows = first + r0 + sub
+            g, x = g_next, x_next
+            g_next = _load_tile(g_ptr, rows + SUB_M, cols, end, n_cols)
+            x_next = _load_tile(x_ptr, rows + SUB_M, cols, end, n_cols)
+            z = x.to(tl.float32) + b
             cdf, pdf = _normal_cdf_pdf(z)
-            dz = g * (cdf + z * pdf)
-            tl.store(dx_ptr + offs, dz.to(dx_ptr.dtype.element_ty), mask=inside)
-            col_sum += tl.sum(dz, axis=0)  # masked-out elements loaded g = 0: they add nothing
+            dz = g.to(tl.float32) * (cdf + z * pdf)  # rows past the end loaded g = 0: they add nothing
+            inside = (rows[:, None] < end) & (cols[None, :] < n_cols)
+            tl.store(dx_ptr + rows[:, None] * n_cols + cols[None, :], dz.to(dx_ptr.dtype.element_ty), mask=inside)
+            acc += dz
         # One row of partial sums per program, summed afterwards in a fixed order: deterministic,
         # unlike atomics.
-        tl.store(partial_ptr + pid_m * n_cols + cols, col_sum, mask=col_ok)
+        tl.store(partial_ptr + pid_m * n_cols + cols, tl.sum(acc, axis=0), mask=cols < n_cols)
 
 
 @torch.library.custom_op("megatron_bert::bias_gelu", mutates_args=())
@@ -127,7 +152,9 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.shape[-1]
     rows = x.numel() // n
-    _fwd_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](x, bias, y, rows, n)
+    if rows:
+        _fwd_kernel[lambda meta: (triton.cdiv(rows, meta["ROWS_PER_PROGRAM"]), triton.cdiv(n, meta["BLOCK_N"]))](
+            x, bias, y, rows, n)
     return y
 
 
@@ -142,10 +169,12 @@ def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) 
     n = x.shape[-1]
     rows = x.numel() // n
     dx = torch.empty_like(x)
-    blocks = triton.cdiv(rows, _BWD_ROWS)
-    partial = torch.empty(blocks, n, dtype=torch.float32, device=x.device)  # fp32 column sums per row block
-    _bwd_kernel[lambda meta: (blocks, triton.cdiv(n, meta["BLOCK_N"]))](grad, x, bias, dx, partial, rows, n,
-                                                                        BLOCK_M=_BWD_ROWS)
+    blocks = max(triton.cdiv(rows, _ROWS_PER_PROGRAM), 1)
+    # fp32 column sums per row block; every program writes its whole row
+    partial = (torch.empty if rows else torch.zeros)(blocks, n, dtype=torch.float32, device=x.device)
+    if rows:
+        _bwd_kernel[lambda meta: (blocks, triton.cdiv(n, meta["BLOCK_N"]))](
+            grad, x, bias, dx, partial, rows, n, ROWS_PER_PROGRAM=_ROWS_PER_PROGRAM)
     return dx, column_sum(partial, bias.dtype)
 
 

@@ -103,7 +103,7 @@ class FlatBuffers:
         # Or, with one micro-batch and nothing to all-reduce (MasterWeightsOptimizer.enable_deferred_copy),
         # the step's 16-bit grads as autograd left them, read by the optimizer through a pointer table.
         self.grads16: list[torch.Tensor] | None = None
-        self._tables = None  # per group: (block → tensor, block → element offset) on the device
+        self._tables = None  # per group: the table kernel's block rows (block_tables)
         self._pointer_tables: dict[tuple, tuple] = {}  # grad addresses → (host copy, device table, captured)
         self._spare_host: torch.Tensor | None = None  # pinned, for an upload during capture
         # the alignment gap after each tensor (< ALIGN elements each), zeroed in every fresh grad buffer
@@ -135,25 +135,22 @@ class FlatBuffers:
     def release_grads(self) -> None:
         self.grad = self.grads = self.grads16 = None
 
-    def block_tables(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-        """Per group, which tensor each program of the table kernel works on and where in it (int32 each,
-        TABLE_SUBBLOCKS · BLOCK elements per program), and the flat offset and size of every tensor
-        (int64): fixed by the layout."""
+    def block_tables(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per group, one row per program of the table kernel (TABLE_SUBBLOCKS · BLOCK elements each):
+        which tensor it works on, where in it it starts, where that is in the flat buffers (int64) and
+        how many elements it has (int32 otherwise). Fixed by the layout."""
         if self._tables is None:
-            tensor, start, first = [], [], 0
+            self._tables, first = [], 0
+            span = BLOCK * TABLE_SUBBLOCKS
             for size in self.group_sizes:
-                ts, ss = [], []
-                span = BLOCK * TABLE_SUBBLOCKS
+                rows = []
                 for i in range(first, first + size):
-                    blocks = -(-self.shapes[i].numel() // span)
-                    ts += [i] * blocks
-                    ss += range(0, blocks * span, span)
-                tensor.append(torch.tensor(ts, dtype=torch.int32, device=self.device))
-                start.append(torch.tensor(ss, dtype=torch.int32, device=self.device))
+                    numel = self.shapes[i].numel()
+                    rows += [(i, s, self.offsets[i] + s, min(span, numel - s)) for s in range(0, numel, span)]
+                t, s, f, c = zip(*rows) if rows else ((), (), (), ())
+                self._tables.append(tuple(torch.tensor(v, dtype=dt, device=self.device) for v, dt in
+                                          ((t, torch.int32), (s, torch.int32), (f, torch.int64), (c, torch.int32))))
                 first += size
-            offsets = torch.tensor(self.offsets, dtype=torch.int64, device=self.device)
-            numels = torch.tensor([s.numel() for s in self.shapes], dtype=torch.int64, device=self.device)
-            self._tables = (list(zip(tensor, start)), offsets, numels)
         return self._tables
 
     def pointer_table(self, grads: list[torch.Tensor]) -> torch.Tensor:

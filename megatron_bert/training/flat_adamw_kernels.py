@@ -69,36 +69,39 @@ if triton is not None:
                           weight_decay, LOG2_BETA1, LOG2_BETA2, DECAY, WRITE_WEIGHT)
 
     @triton.jit
-    def _adamw_table_kernel(master_ptr, grad_table_ptr, block_tensor_ptr, block_start_ptr, tensor_offset_ptr,
-                            tensor_numel_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, step_ptr, lr_ptr, scale_ptr,
+    def _adamw_table_kernel(master_ptr, grad_table_ptr, block_tensor_ptr, block_start_ptr, block_flat_ptr,
+                            block_count_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, step_ptr, lr_ptr, scale_ptr,
                             found_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                             LOG2_BETA1: tl.constexpr, LOG2_BETA2: tl.constexpr, DECAY: tl.constexpr,
                             BLOCK: tl.constexpr, SUBBLOCKS: tl.constexpr):
-        # The same update, the grads read where autograd left them: program pid covers elements
-        # [start, start + SUBBLOCKS · BLOCK) of tensor t (block tables, fixed by the layout), whose 16-bit
-        # grad lives at grad_table[t] (16-byte aligned: checked on the host). The table lookups are a
-        # chain of dependent loads before any data moves: a program takes several blocks to pay it once
-        # (one block per program measured 3.27 ms at 345M on H200, against 2.6 for the flat kernel). A
-        # block inside its tensor runs without masks, so that loads and stores are vectorised (a mask
-        # against a size read from memory is not known to be constant over a vector).
-        if tl.load(found_ptr) == 0.0:
-            pid = tl.program_id(0)
-            t = tl.load(block_tensor_ptr + pid)
-            start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
-            numel = tl.load(tensor_numel_ptr + t)
-            base = tl.multiple_of(tl.load(tensor_offset_ptr + t), 64)  # the layout's ALIGN
-            grad_ptr = tl.multiple_of(tl.load(grad_table_ptr + t).to(tl.pointer_type(weight_ptr.dtype.element_ty)), 16)
+        # The same update, the grads read where autograd left them: program pid covers ``count``
+        # elements of tensor t from ``start`` on, at ``flat`` in the flat buffers (block tables, fixed by
+        # the layout); t's 16-bit grad lives at grad_table[t] (16-byte aligned: checked on the host).
+        # Table lookups come before any data moves, so they are kept to two dependent levels (this
+        # program's row, then the grad's address) and issued before the skip flag is known; a program
+        # takes several blocks to pay them once (one block per program with three levels measured
+        # 3.27 ms at 345M on H200, four 2.82, against 2.6 for the flat kernel; two levels did not
+        # move it measurably, 2.80-2.87: what is left is not the lookups). A block inside its tensor runs
+        # without masks, so that loads and stores are vectorised (a mask against a size read from
+        # memory is not known to be constant over a vector).
+        pid = tl.program_id(0)
+        t = tl.load(block_tensor_ptr + pid)
+        start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
+        flat = tl.multiple_of(tl.load(block_flat_ptr + pid), 64)  # the layout's ALIGN
+        count = tl.load(block_count_ptr + pid)
+        grad_ptr = tl.multiple_of(tl.load(grad_table_ptr + t).to(tl.pointer_type(weight_ptr.dtype.element_ty)), 16)
+        if tl.load(found_ptr) == 0.0:  # a skipped step reads no tensor data
             for j in tl.static_range(SUBBLOCKS):
-                idx = start + j * BLOCK + tl.arange(0, BLOCK)
-                if start + (j + 1) * BLOCK <= numel:
-                    _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, base + idx, idx,
-                                  tl.full((BLOCK,), True, tl.int1), step_ptr, lr_ptr, scale_ptr, beta1,
-                                  one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, LOG2_BETA1, LOG2_BETA2,
-                                  DECAY, True)
-                elif start + j * BLOCK < numel:
-                    _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, base + idx, idx,
-                                  idx < numel, step_ptr, lr_ptr, scale_ptr, beta1, one_minus_beta1, beta2,
-                                  one_minus_beta2, eps, weight_decay, LOG2_BETA1, LOG2_BETA2, DECAY, True)
+                local = j * BLOCK + tl.arange(0, BLOCK)
+                if (j + 1) * BLOCK <= count:
+                    _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, flat + local,
+                                  start + local, tl.full((BLOCK,), True, tl.int1), step_ptr, lr_ptr, scale_ptr,
+                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, LOG2_BETA1,
+                                  LOG2_BETA2, DECAY, True)
+                elif j * BLOCK < count:
+                    _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, flat + local,
+                                  start + local, local < count, step_ptr, lr_ptr, scale_ptr, beta1, one_minus_beta1,
+                                  beta2, one_minus_beta2, eps, weight_decay, LOG2_BETA1, LOG2_BETA2, DECAY, True)
 
 else:  # CPU-only installs: flat_adamw falls back to its torch update
     _adamw_kernel = _adamw_table_kernel = None
@@ -130,13 +133,12 @@ def table_update_triton(flat, group: int, grad_table: torch.Tensor, step, lr, gr
     """:func:`flat_update_triton` of layout group ``group`` over the buffers of ``flat`` (a
     flat_adamw.FlatBuffers), its grads read through ``grad_table`` (the address of every tensor's 16-bit
     grad) instead of a flat fp32 buffer; same rounding."""
-    tables, offsets, numels = flat.block_tables()
-    blocks, starts = tables[group]
+    blocks, starts, flats, counts = flat.block_tables()[group]
     if blocks.numel() == 0:
         return
     consts = kernel_constexprs(beta1, beta2, weight_decay)
     del consts["WRITE_WEIGHT"]
     _adamw_table_kernel[(blocks.numel(),)](
-        flat.master, grad_table, blocks, starts, offsets, numels, flat.exp_avg, flat.exp_avg_sq, flat.weight, step,
+        flat.master, grad_table, blocks, starts, flats, counts, flat.exp_avg, flat.exp_avg_sq, flat.weight, step,
         lr, grad_scale, found_inf, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, **consts,
         SUBBLOCKS=TABLE_SUBBLOCKS, num_warps=NUM_WARPS, enable_fp_fusion=False)
