@@ -20,16 +20,21 @@ TABLE_SUBBLOCKS = 4  # BLOCKs per program of the table kernel (its lookups paid 
 
 if triton is not None:
     @triton.jit
-    def _adamw_math(p, g, m, v, step_ptr, lr_ptr, scale_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                    weight_decay, LOG2_BETA1: tl.constexpr, LOG2_BETA2: tl.constexpr, DECAY: tl.constexpr):
+    def _adamw_scalars(step_ptr, lr_ptr, scale_ptr, LOG2_BETA1: tl.constexpr, LOG2_BETA2: tl.constexpr):
         # Bias corrections in fp64 like torch's kernel (1 - b**step cancels badly in fp32), rounded to
-        # fp32. log2(beta) comes as a constexpr (fp64 here; a float argument would be fp32).
+        # fp32. log2(beta) comes as a constexpr (fp64 here; a float argument would be fp32). Once per
+        # program: the fp64 exp2 and sqrt cost ~180 instructions per thread, and computed again for
+        # each of a program's blocks they held registers that cut the table kernel to 3 programs per SM.
         step = tl.load(step_ptr).to(tl.float64) + 1.0
         bc1 = (1.0 - tl.exp2(step * tl.full([], LOG2_BETA1, tl.float64))).to(tl.float32)
         bc2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.full([], LOG2_BETA2, tl.float64))).to(tl.float32)
         lr = tl.load(lr_ptr)
-        step_size = tl.div_rn(lr, bc1)
-        g = tl.div_rn(g, tl.load(scale_ptr))
+        return lr, tl.div_rn(lr, bc1), bc2_sqrt, tl.load(scale_ptr)
+
+    @triton.jit
+    def _adamw_math(p, g, m, v, lr, step_size, bc2_sqrt, scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                    weight_decay, DECAY: tl.constexpr):
+        g = tl.div_rn(g, scale)
         if DECAY:
             p = p - (lr * weight_decay) * p
         m = beta1 * m + one_minus_beta1 * g
@@ -39,17 +44,15 @@ if triton is not None:
         return p, m, v
 
     @triton.jit
-    def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, offs, grad_idx, mask, step_ptr,
-                      lr_ptr, scale_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                      LOG2_BETA1: tl.constexpr, LOG2_BETA2: tl.constexpr, DECAY: tl.constexpr,
-                      WRITE_WEIGHT: tl.constexpr):
+    def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, offs, grad_idx, mask, lr,
+                      step_size, bc2_sqrt, scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                      DECAY: tl.constexpr, WRITE_WEIGHT: tl.constexpr):
         # One block of either kernel: flat buffers at offs, the grad at grad_ptr + grad_idx.
         g = tl.load(grad_ptr + grad_idx, mask=mask, other=0.0).to(tl.float32)
         p, m, v = _adamw_math(
             tl.load(master_ptr + offs, mask=mask, other=0.0), g,
             tl.load(exp_avg_ptr + offs, mask=mask, other=0.0), tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0),
-            step_ptr, lr_ptr, scale_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-            LOG2_BETA1, LOG2_BETA2, DECAY)
+            lr, step_size, bc2_sqrt, scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, DECAY)
         tl.store(master_ptr + offs, p, mask=mask)
         tl.store(exp_avg_ptr + offs, m, mask=mask)
         tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
@@ -64,9 +67,10 @@ if triton is not None:
         # Every program reads the skip flag first: a skipped step (found_inf != 0) reads no tensor data.
         if tl.load(found_ptr) == 0.0:
             offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: >2**31 elements
-            _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, offs, offs, offs < n,
-                          step_ptr, lr_ptr, scale_ptr, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                          weight_decay, LOG2_BETA1, LOG2_BETA2, DECAY, WRITE_WEIGHT)
+            lr, step_size, bc2_sqrt, scale = _adamw_scalars(step_ptr, lr_ptr, scale_ptr, LOG2_BETA1, LOG2_BETA2)
+            _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, offs, offs, offs < n, lr,
+                          step_size, bc2_sqrt, scale, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                          weight_decay, DECAY, WRITE_WEIGHT)
 
     @triton.jit
     def _adamw_table_kernel(master_ptr, grad_table_ptr, block_tensor_ptr, block_start_ptr, block_flat_ptr,
@@ -79,11 +83,11 @@ if triton is not None:
         # the layout); t's 16-bit grad lives at grad_table[t] (16-byte aligned: checked on the host).
         # Table lookups come before any data moves, so they are kept to two dependent levels (this
         # program's row, then the grad's address) and issued before the skip flag is known; a program
-        # takes several blocks to pay them once (one block per program with three levels measured
-        # 3.27 ms at 345M on H200, four 2.82, against 2.6 for the flat kernel; two levels did not
-        # move it measurably, 2.80-2.87: what is left is not the lookups). A block inside its tensor runs
-        # without masks, so that loads and stores are vectorised (a mask against a size read from
-        # memory is not known to be constant over a vector).
+        # takes several blocks to pay them once (at 345M on H200: one block per program with three
+        # levels 3.27 ms, four blocks 2.82, two levels 2.80-2.87, and with the bias corrections once per
+        # program instead of once per block 2.44, against 2.6 for the flat kernel, which reads fp32
+        # grads). A block inside its tensor runs without masks, so that loads and stores are vectorised
+        # (a mask against a size read from memory is not known to be constant over a vector).
         pid = tl.program_id(0)
         t = tl.load(block_tensor_ptr + pid)
         start = tl.multiple_of(tl.load(block_start_ptr + pid), BLOCK)
@@ -91,17 +95,17 @@ if triton is not None:
         count = tl.load(block_count_ptr + pid)
         grad_ptr = tl.multiple_of(tl.load(grad_table_ptr + t).to(tl.pointer_type(weight_ptr.dtype.element_ty)), 16)
         if tl.load(found_ptr) == 0.0:  # a skipped step reads no tensor data
+            lr, step_size, bc2_sqrt, scale = _adamw_scalars(step_ptr, lr_ptr, scale_ptr, LOG2_BETA1, LOG2_BETA2)
             for j in tl.static_range(SUBBLOCKS):
                 local = j * BLOCK + tl.arange(0, BLOCK)
                 if (j + 1) * BLOCK <= count:
                     _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, flat + local,
-                                  start + local, tl.full((BLOCK,), True, tl.int1), step_ptr, lr_ptr, scale_ptr,
-                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, LOG2_BETA1,
-                                  LOG2_BETA2, DECAY, True)
+                                  start + local, tl.full((BLOCK,), True, tl.int1), lr, step_size, bc2_sqrt, scale,
+                                  beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, DECAY, True)
                 elif j * BLOCK < count:
                     _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, weight_ptr, flat + local,
-                                  start + local, local < count, step_ptr, lr_ptr, scale_ptr, beta1, one_minus_beta1,
-                                  beta2, one_minus_beta2, eps, weight_decay, LOG2_BETA1, LOG2_BETA2, DECAY, True)
+                                  start + local, local < count, lr, step_size, bc2_sqrt, scale, beta1,
+                                  one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, DECAY, True)
 
 else:  # CPU-only installs: flat_adamw falls back to its torch update
     _adamw_kernel = _adamw_table_kernel = None
