@@ -71,7 +71,7 @@ def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type
     """Global gradient norm (fp32 scalar tensor), the same on every rank. ``grads``: one per param, to
     use instead of ``p.grad`` (e.g. 16-bit grads not yet copied into fp32 masters: the norm is
     computed in fp32 either way)."""
-    pairs = [(p, g) for p, g in zip(params, grads)] if grads is not None else [(p, p.grad) for p in params]
+    pairs = list(zip(params, grads)) if grads is not None else [(p, p.grad) for p in params]
     pairs = [(p, g) for p, g in pairs if g is not None]
     device = pairs[0][1].device if pairs else ps.device
     if norm_type == float("inf"):

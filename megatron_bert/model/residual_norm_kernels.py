@@ -29,6 +29,7 @@ import torch
 
 from ..triton_support import column_sum, tl, triton, usable
 from .dropout_kernels import drop_threshold, draw_seed
+from .layernorm_kernels import _stats_shape
 
 # backward programs (and partial-sum rows) per SM: 4 the fastest of 2, 4, 8, 16 on H200 (55.5 µs against
 # 59-67, bench/bench_kernels.py --residual-norm)
@@ -180,10 +181,6 @@ if triton is not None:
         tl.store(base, tl.sum(acc_w, axis=0), mask=col_ok)
         tl.store(base + N_COLS, tl.sum(acc_b, axis=0), mask=col_ok)
         tl.store(base + 2 * N_COLS, tl.sum(acc_y, axis=0), mask=col_ok)
-
-
-def _stats_shape(x: torch.Tensor) -> tuple:
-    return (*x.shape[:-1], 1)  # as aten.native_layer_norm returns them
 
 
 @torch.library.custom_op("megatron_bert::residual_norm", mutates_args=())
