@@ -6,7 +6,6 @@ LayerNorm, fused AdamW. Prints ``KERNEL {json}`` lines (median of CUDA-event tim
     python bench/bench_kernels.py --gelu        # our bias + GeLU kernels (both ways) against torch's
     python bench/bench_kernels.py --residual-norm  # the fused epilogue + LayerNorm against the separate kernels
     python bench/bench_kernels.py --gemm-backends  # the layer's 12 GEMMs: cuBLAS, cuBLASLt, Inductor max-autotune
-    python bench/bench_kernels.py --mlp         # the MLP with the GeLU in its GEMMs against cuBLAS + our GeLU
 """
 from __future__ import annotations
 
@@ -55,12 +54,8 @@ def main():
                    help="only the fused residual epilogue + LayerNorm kernels, against the separate ones")
     p.add_argument("--gemm-backends", action="store_true",
                    help="only the layer's GEMMs, under cuBLAS, cuBLASLt and Inductor's max-autotune")
-    p.add_argument("--mlp", action="store_true",
-                   help="only the MLP with the GeLU in its GEMM epilogues, against cuBLAS GEMMs + the GeLU kernels")
     p.add_argument("--no-autotune", action="store_true", help="with --gemm-backends: the two BLAS libraries only")
     a = p.parse_args()
-    if a.mlp:
-        return mlp_timing(a.seq * a.batch, a.hidden)
     if a.gemm_backends:
         return gemm_backends(a.seq * a.batch, a.hidden, autotune=not a.no_autotune)
     if a.residual_norm:
@@ -202,12 +197,12 @@ def gelu_kernels_timing(rows: int, n: int, calls: int = 20) -> None:
             report(f"{name}_tile", ms, nbytes=(4 if name.endswith("fwd") else 6) * elems, config=str(cfg))
 
 
-def _autotuned(name: str, kernel, nbytes: int, flops: int = 0) -> None:
+def _autotuned(name: str, kernel, nbytes: int) -> None:
     """The autotuner's own timings per config (a list of quantiles, median first, or one number)."""
     timings = {cfg: ms[0] if isinstance(ms, list) else ms
                for cfg, ms in (getattr(kernel, "configs_timings", None) or {}).items()}
     for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1]):
-        report(f"{name}_config", ms, flops=flops, nbytes=nbytes, config=str(cfg))
+        report(f"{name}_config", ms, nbytes=nbytes, config=str(cfg))
 
 
 def residual_norm_timing(rows: int, n: int, calls: int = 20) -> None:
@@ -245,58 +240,6 @@ def residual_norm_timing(rows: int, n: int, calls: int = 20) -> None:
         out, _ = dk.bias_dropout_add(y, b, r, seed, 0.1, 0)
         return lk.layer_norm_with_stats(out, w, nb, 1e-5)
     report("separate_epilogue_and_layernorm_fwd", timed(many(separate)) / calls, nbytes=11 * elems)
-
-
-def mlp_timing(t: int, h: int, calls: int = 10) -> None:
-    """The MLP's forward and backward with the GeLU in the GEMM epilogues (mlp_kernels) against the
-    same work as cuBLAS GEMMs + the bias + GeLU kernels (gelu_kernels), and the epilogue GEMMs alone
-    against cuBLAS GEMM + GeLU kernel; ``calls`` back to back per timing, then the autotuner's own
-    timings per tile shape."""
-    from megatron_bert.model import gelu_kernels as gk
-    from megatron_bert.model import mlp_kernels as mk
-
-    dev, dt, f = "cuda", torch.bfloat16, 4 * h
-    x, g = (torch.randn(t, h, device=dev, dtype=dt) for _ in range(2))
-    w1, w2 = (torch.randn(*s_, device=dev, dtype=dt) * 0.02 for s_ in ((f, h), (h, f)))
-    b1 = 0.1 * torch.randn(f, device=dev, dtype=dt)
-    out, z, y = mk.mlp_gelu_forward(x, w1, b1, w2)
-    pre = F.linear(x, w1)
-
-    def many(fn):
-        return lambda: [fn() for _ in range(calls)]
-
-    def plain_fwd():
-        return F.linear(gk.bias_gelu(F.linear(x, w1), b1), w2)
-
-    def plain_bwd():
-        dy = g @ w2
-        dw2 = g.t() @ y
-        dz, db1 = gk.bias_gelu_backward(dy, pre, b1)
-        return dz @ w1, dz.t() @ x, db1, dw2
-
-    def fc1_alone():
-        zz, yy = torch.empty_like(z), torch.empty_like(y)
-        mk._fc1_gelu_kernel[mk._grid(t, f)](x, w1, b1, zz, yy, t, f, h)
-
-    def dgrad_alone():
-        dz = torch.empty_like(z)
-        partial = torch.empty(triton_cdiv(t, mk._BWD_BLOCK_M), f, device=dev, dtype=torch.float32)
-        mk._dgelu_dgrad_kernel[mk._grid(t, f)](g, w2, z, dz, partial, t, f, h)
-
-    gemm = 2 * t * h * f
-    for what, fn, fl in (("mlp_fwd_fused", lambda: mk.mlp_gelu_forward(x, w1, b1, w2), 2 * gemm),
-                         ("mlp_fwd_plain", plain_fwd, 2 * gemm),
-                         ("mlp_bwd_fused", lambda: mk.mlp_gelu_backward(g, x, w1, b1, w2, z, y), 4 * gemm),
-                         ("mlp_bwd_plain", plain_bwd, 4 * gemm),
-                         ("fc1_gemm_gelu_epilogue", fc1_alone, gemm),
-                         ("fc1_cublas_then_bias_gelu", lambda: gk.bias_gelu(F.linear(x, w1), b1), gemm),
-                         ("fc1_cublas", lambda: F.linear(x, w1), gemm),
-                         ("fc2_dgrad_dgelu_epilogue", dgrad_alone, gemm),
-                         ("fc2_dgrad_cublas_then_bias_gelu_bwd", lambda: gk.bias_gelu_backward(g @ w2, pre, b1), gemm),
-                         ("fc2_dgrad_cublas", lambda: g @ w2, gemm)):
-        report(what, timed(many(fn)) / calls, fl, shape=[t, h, f])
-    _autotuned("fc1_gemm_gelu_epilogue", mk._fc1_gelu_kernel, 0, gemm)
-    _autotuned("fc2_dgrad_dgelu_epilogue", mk._dgelu_dgrad_kernel, 0, gemm)
 
 
 def gemm_backends(t: int, h: int, calls: int = 10, autotune: bool = True) -> None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 8, call 1 (one H200): the MLP with the GeLU in its GEMM epilogues (mlp_kernels). Its GPU
+# Session 8, call 1 (one H200), code of commit 4958b4e (mlp_kernels.py, removed after this call): the
+# MLP with the GeLU in its GEMM epilogues. Its GPU
 # test and the graphed/compiled step tests; the kernels against cuBLAS + the GeLU kernels; seq 512 /
 # batch 32 with and without it (MEGATRON_BERT_TRITON_MLP=0) and megatron-core in the same call.
 set -u

@@ -21,7 +21,7 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
-from . import dropout_kernels, layernorm_kernels, mlp_kernels, qkv_kernels, residual_norm_kernels
+from . import dropout_kernels, layernorm_kernels, qkv_kernels, residual_norm_kernels
 from .fused import bias_dropout_add, compiled, fused_bias_activation
 from .norm import make_layernorm
 
@@ -133,17 +133,9 @@ class MLP(nn.Module):
             skip_bias_add=fuse)
         self.act = _ACTIVATIONS[cfg.activation]
         self.bias_act = fused_bias_activation(cfg.activation) if fuse else None
-        # One TP rank on GPU: the GeLU runs in fc1's GEMM epilogue and its derivative in that of fc2's
-        # input-grad GEMM (mlp_kernels.py). With TP > 1 the layers keep their own backward (the
-        # input-grad all-reduce overlapped with the weight-grad GEMM).
-        self.gemm_gelu = fuse and ps.tp_size == 1 and cfg.activation == "gelu" and mlp_kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [s, b, h] → [s, b, h] (bias of dense_4h_to_h left to the caller when fused)
-        fc1, fc2 = self.dense_h_to_4h, self.dense_4h_to_h
-        if (self.gemm_gelu and not torch.is_autocast_enabled(x.device.type)
-                and mlp_kernels.supports(x, fc1.weight, fc1.bias, fc2.weight)):
-            return mlp_kernels.mlp_gelu(x, fc1.weight, fc1.bias, fc2.weight)
         if self.bias_act is not None:
             return self.dense_4h_to_h(self.bias_act(self.dense_h_to_4h(x), self.dense_h_to_4h.bias))
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
