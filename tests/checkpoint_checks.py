@@ -54,6 +54,51 @@ def finish(procs: dict, timeout: float = 300) -> dict:
     return res
 
 
+class RunQueue:
+    """Independent runs started in the given order, at most ``limit`` of them running at a time; runs named
+    in ``uncounted`` (ones that mostly sleep) start in their turn without taking a slot. On a 2-core box a
+    couple of runs at once fill both cores (one run alone leaves one idle while a single process imports,
+    builds data or writes); many more only add context switches and waits in the collectives.
+    ``wait(name)`` keeps starting runs while it waits for ``name``; ``close()`` kills what still runs."""
+
+    def __init__(self, starters: dict, limit: int, uncounted=()):
+        self.pending = list(starters.items())  # [(name, () -> Popen)]
+        self.limit, self.uncounted = limit, set(uncounted)
+        self.procs: dict = {}
+        self.started: dict = {}
+
+    def _pump(self) -> None:
+        running = [n for n, p in self.procs.items() if p.poll() is None and n not in self.uncounted]
+        while self.pending and (self.pending[0][0] in self.uncounted or len(running) < self.limit):
+            name, start = self.pending.pop(0)
+            self.procs[name], self.started[name] = start(), time.monotonic()
+            if name not in self.uncounted:
+                running.append(name)
+
+    def wait(self, name: str, timeout: float = 300) -> tuple:
+        """→ (returncode, stdout, stderr) of ``name``; ``timeout`` counts from the run's start (and bounds
+        the wait for a free slot too)."""
+        if name not in self.procs and not any(n == name for n, _ in self.pending):
+            raise KeyError(name)
+        asked = time.monotonic()
+        while True:
+            self._pump()
+            p = self.procs.get(name)
+            if p is not None and (p.poll() is not None or time.monotonic() > self.started[name] + timeout):
+                return finish({name: p}, timeout=max(1.0, self.started[name] + timeout - time.monotonic()))[name]
+            if p is None and time.monotonic() > asked + timeout:
+                running = [n for n, q in self.procs.items() if q.poll() is None]
+                raise AssertionError(f"{name} did not get to start in {timeout} s: {running} still running")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.pending.clear()
+        for p in self.procs.values():
+            if p.poll() is None:
+                kill_tree(p.pid)
+                p.wait()
+
+
 def kill_tree(pid: int, sig=signal.SIGKILL) -> None:
     """Signal a process and all its descendants (torchrun starts each worker in its own session,
     so killing torchrun's process group would leave the workers running)."""

@@ -4,7 +4,8 @@ One uninterrupted TP=2 run of 20 steps (saving every 5 steps) is the reference f
 bit-exact resume at TP=2 (with async save, compared tensor by tensor with the sync save), resharding
 to TP=1 / TP=4 / TP=2×DP=2, kill -9 during a save, SIGTERM on one rank, train.max_time, one-line
 errors and the inspect / consolidate command. Runs that do not depend on each other are started
-concurrently to keep the wall time down.
+concurrently to keep the wall time down (the reference trains while the kill -9 / SIGTERM test, which does
+not need it, runs).
 """
 import os
 import shutil
@@ -30,7 +31,7 @@ from megatron_bert.checkpoint.__main__ import consolidate
 from megatron_bert.checkpoint.__main__ import main as cli_main
 from megatron_bert.checkpoint.manager import PAUSE_ENV
 from megatron_bert.checkpoint.sharded import read_full_state, tensor_index
-from train_fixtures import base_overrides, build_dataset, metrics, train
+from train_fixtures import base_overrides, build_dataset, metrics
 
 STEPS = 20
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # see test_checkpoint.py
@@ -54,11 +55,29 @@ def _ok(res):
 
 
 @pytest.fixture(scope="module")
-def ref(data, tmp_path_factory):
-    """20 straight steps at TP=2 (2 processes), saving every 5; step_10 is what the other runs resume from."""
+def ref_run(data, tmp_path_factory):
+    """Starts the reference run (`ref`) without waiting for it."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    res = train(overrides(data, run, **{"parallel.tensor": 2, "checkpoint.save_interval": 5}), nproc=2)
-    _ok(res)
+    p = launch(overrides(data, run, **{"parallel.tensor": 2, "checkpoint.save_interval": 5}), nproc=2)
+    yield run, p
+    if p.poll() is None:
+        kill_tree(p.pid)
+        p.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ref_starts_first(request):
+    """The reference run starts with the module's first test (kill -9 / SIGTERM, which does not need it and
+    runs meanwhile) when a selected test needs it."""
+    if any(item.module is sys.modules[__name__] and "ref" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("ref_run")
+
+
+@pytest.fixture(scope="module")
+def ref(ref_run):
+    """20 straight steps at TP=2 (2 processes), saving every 5; step_10 is what the other runs resume from."""
+    run, p = ref_run
+    _ok(finish({"ref": p})["ref"])
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[-1]["loss"] < rows[0]["loss"]
@@ -75,6 +94,53 @@ def _check_errors_one_line(res, what):
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{what}: not one line\n{describe(res)}"
     assert "Traceback" not in err
     return lines[0]
+
+
+# --------------------------------------------------------------------------- crash + signals
+def test_kill9_during_save_keeps_previous_then_sigterm_on_one_rank_stops_all(data, tmp_path):
+    """kill -9 (every process) while the save of step 10 sits between writing and renaming:
+    `latest` still names step_5, which loads; resume=auto ignores the leftover .step_10.tmp and the
+    next save removes it. Then SIGTERM to rank 1 only: all ranks stop at the same step and save it."""
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    args = overrides(data, run, **{"parallel.tensor": 2, "train.max_steps": 1000, "checkpoint.save_interval": 5,
+                                   "checkpoint.keep": 2})
+    p = launch(args, nproc=2, env_extra={PAUSE_ENV: "10:120"})
+    try:
+        wait_for(lambda: (root / ".step_10.tmp" / "meta.json").exists(), 240, "the save of step 10", p)
+        assert p.poll() is None
+    finally:
+        kill_tree(p.pid)  # kill -9, torchrun and both workers
+        p.wait()
+    assert p.returncode != 0
+    assert (root / "latest").read_text().strip() == "step_5"
+    assert not (root / "step_10").exists() and (root / ".step_10.tmp" / ".metadata").exists()
+    assert latest_checkpoint(root) == root / "step_5"
+    first = metric_rows(run)
+    assert [r["step"] for r in first] == list(range(1, 11))
+
+    p = launch(args, nproc=2)  # checkpoint.resume=auto
+    try:
+        wait_for(lambda: len(metric_rows(run)) >= len(first) + 7, 240, "the resumed run to reach step 12", p)
+        pid = wait_for(lambda: rank_pid(p.pid, 1), 10, "rank 1's process")
+        os.kill(pid, signal.SIGTERM)
+        res = finish({"run": p}, timeout=180)["run"]
+    finally:
+        if p.poll() is None:
+            kill_tree(p.pid)
+    _ok(res)
+    out = res[1]
+    assert f"resumed from {root / 'step_5'} (step 5," in out
+    second = metric_rows(run)[len(first):]
+    assert second[0]["step"] == 6
+    for r in second[:5]:  # steps 6..10 again, from the checkpoint: bit-exact
+        assert (r["loss"], r["grad_norm"]) == (first[r["step"] - 1]["loss"], first[r["step"] - 1]["grad_norm"])
+    stop = second[-1]["step"]
+    assert 12 <= stop < 1000 and f"stopping at step {stop}: signal" in out
+    assert (root / "latest").read_text().strip() == f"step_{stop}" and read_meta(root / f"step_{stop}")["step"] == stop
+    names = sorted(os.listdir(root))
+    assert not [n for n in names if n.startswith(".")], names
+    assert len([n for n in names if n.startswith("step_")]) == 2, names  # keep=2
 
 
 # --------------------------------------------------------------------------- resume + async save
@@ -146,53 +212,6 @@ def test_reshard_tp2_checkpoint_to_tp1_tp4_and_tp2_dp2(data, ref, tmp_path):
     for name, t in cons["model"].items():
         assert t.shape == tp1[f"model.{name}"].shape, name
         assert torch.allclose(t, tp1[f"model.{name}"], atol=1e-3, rtol=0), name
-
-
-# --------------------------------------------------------------------------- crash + signals
-def test_kill9_during_save_keeps_previous_then_sigterm_on_one_rank_stops_all(data, ref, tmp_path):
-    """kill -9 (every process) while the save of step 10 sits between writing and renaming:
-    `latest` still names step_5, which loads; resume=auto ignores the leftover .step_10.tmp and the
-    next save removes it. Then SIGTERM to rank 1 only: all ranks stop at the same step and save it."""
-    run = tmp_path / "run"
-    root = run / "checkpoints"
-    args = overrides(data, run, **{"parallel.tensor": 2, "train.max_steps": 1000, "checkpoint.save_interval": 5,
-                                   "checkpoint.keep": 2})
-    p = launch(args, nproc=2, env_extra={PAUSE_ENV: "10:120"})
-    try:
-        wait_for(lambda: (root / ".step_10.tmp" / "meta.json").exists(), 240, "the save of step 10", p)
-        assert p.poll() is None
-    finally:
-        kill_tree(p.pid)  # kill -9, torchrun and both workers
-        p.wait()
-    assert p.returncode != 0
-    assert (root / "latest").read_text().strip() == "step_5"
-    assert not (root / "step_10").exists() and (root / ".step_10.tmp" / ".metadata").exists()
-    assert latest_checkpoint(root) == root / "step_5"
-    first = metric_rows(run)
-    assert [r["step"] for r in first] == list(range(1, 11))
-
-    p = launch(args, nproc=2)  # checkpoint.resume=auto
-    try:
-        wait_for(lambda: len(metric_rows(run)) >= len(first) + 7, 240, "the resumed run to reach step 12", p)
-        pid = wait_for(lambda: rank_pid(p.pid, 1), 10, "rank 1's process")
-        os.kill(pid, signal.SIGTERM)
-        res = finish({"run": p}, timeout=180)["run"]
-    finally:
-        if p.poll() is None:
-            kill_tree(p.pid)
-    _ok(res)
-    out = res[1]
-    assert f"resumed from {root / 'step_5'} (step 5," in out
-    second = metric_rows(run)[len(first):]
-    assert second[0]["step"] == 6
-    for r in second[:5]:  # steps 6..10 again, from the checkpoint: bit-exact
-        assert (r["loss"], r["grad_norm"]) == (first[r["step"] - 1]["loss"], first[r["step"] - 1]["grad_norm"])
-    stop = second[-1]["step"]
-    assert 12 <= stop < 1000 and f"stopping at step {stop}: signal" in out
-    assert (root / "latest").read_text().strip() == f"step_{stop}" and read_meta(root / f"step_{stop}")["step"] == stop
-    names = sorted(os.listdir(root))
-    assert not [n for n in names if n.startswith(".")], names
-    assert len([n for n in names if n.startswith("step_")]) == 2, names  # keep=2
 
 
 # --------------------------------------------------------------------------- errors, max_time, CLI

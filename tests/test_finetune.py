@@ -5,10 +5,12 @@ occur), a "pretrained" checkpoint of a freshly initialised tiny BERT (`write_mod
 one TP=2 training run (torchrun, 2 processes) whose loss must fall and whose metrics.jsonl must hold
 eval lines with the task's metrics; then `task.mode=predict` must write the task's predictions file
 from the fine-tuned checkpoint. One TP=1 × DP=2 run checks the first losses against TP=2 (keyed
-dropout makes them agree to 1e-5) and the evaluation's logit gather over DP ranks.
+dropout makes them agree to 1e-5) and the evaluation's logit gather over DP ranks. The training runs
+are independent of each other and run two at a time (module fixture `world`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 import subprocess
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_checks import RunQueue, describe, launch
 from task_fixtures import write_vocab
-from train_fixtures import REPO, env, metrics, train
+from train_fixtures import REPO, env, metrics
 
 SEQ = 32
 POS, NEG = ["good", "great", "loved"], ["bad", "terrible", "hated"]
@@ -178,14 +181,29 @@ TASKS = {
 }
 
 
+# the TP=2 runs of these tasks (`finetuned`), and the TP=1 × DP=2 glue run of test_tp1_dp2_...
+TP2_RUNS = ("glue", "ner", "squad", "race")
+DP2_TEST = "test_tp1_dp2_matches_tp2_and_gathers_eval_in_order"
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(request, tmp_path_factory):
+    """Data, the pretrained checkpoint, and the training runs, started two at a time (checkpoint_checks.RunQueue:
+    they do not depend on each other, and one TP=2 run alone leaves a core idle for much of its start-up).
+    `finetuned` and test_tp1_dp2_... wait for the run they read."""
     root = tmp_path_factory.mktemp("finetune")
     w = {"root": root, **write_pretrained(root), "runs": {}}
     for i, (name, (_, writer, _, _, _)) in enumerate(TASKS.items()):
         w[f"data_{name}"] = str(writer(root / f"data_{name}", seed=10 + i))
     w["glue_test_truth"] = write_glue_test(Path(w["data_glue"]), seed=99)
-    return w
+    starters = {name: functools.partial(launch, overrides(w, name, root / f"run_{name}"), nproc=2) for name in TP2_RUNS}
+    if any(item.module is sys.modules[__name__] and item.originalname == DP2_TEST for item in request.session.items):
+        starters["glue_dp2"] = functools.partial(
+            launch, overrides(w, "glue", root / "run_glue_dp2", **{"parallel.tensor": 1}), nproc=2)
+    order = ("glue", "glue_dp2", "ner", "squad", "race")  # the two 40-step runs together
+    w["queue"] = RunQueue({name: starters[name] for name in order if name in starters}, limit=2)
+    yield w
+    w["queue"].close()
 
 
 def overrides(world, name: str, run_dir: Path, **extra) -> list[str]:
@@ -200,17 +218,18 @@ def overrides(world, name: str, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in ov.items()]
 
 
-def _ok(res):
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
+def _wait(world, run: str) -> Path:
+    """Wait for the run `run` started by `world`; returns its run dir."""
+    if run not in world["runs"]:
+        res = world["queue"].wait(run, timeout=480)
+        assert res[0] == 0, f"{run}: {describe(res)}"
+        world["runs"][run] = world["root"] / f"run_{run}"
+    return world["runs"][run]
 
 
 def finetuned(world, name: str) -> Path:
-    """Train `name` at TP=2 once per module; returns the run dir."""
-    if name not in world["runs"]:
-        run_dir = world["root"] / f"run_{name}"
-        _ok(train(overrides(world, name, run_dir), nproc=2))
-        world["runs"][name] = run_dir
-    return world["runs"][name]
+    """The TP=2 run of `name` (one per module); returns the run dir."""
+    return _wait(world, name)
 
 
 def _mean(xs):
@@ -252,9 +271,7 @@ def check_training_run(name: str, run_dir: Path) -> None:
 def test_tp1_dp2_matches_tp2_and_gathers_eval_in_order(world):
     """TP=1 × DP=2 (2 processes) vs TP=2: same first losses (keyed dropout, globally normalised loss),
     and the DP-sharded evaluation scores the learned model as well (logits gathered in order)."""
-    ref = finetuned(world, "glue")
-    run_dir = world["root"] / "run_glue_dp2"
-    _ok(train(overrides(world, "glue", run_dir, **{"parallel.tensor": 1}), nproc=2))
+    ref, run_dir = finetuned(world, "glue"), _wait(world, "glue_dp2")
     a, b = metrics(ref), metrics(run_dir)
     for step in range(5):
         assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, f"step {step + 1}: {a[step]} vs {b[step]}"

@@ -1,12 +1,14 @@
 """Fault injection on CPU (gloo), through torchrun, with the test-only hooks of megatron_bert/training/faults.py.
 
-All the runs of this module are started at once (module fixture ``runs``) and each test waits for its
+The runs of this module are started by the module fixture ``runs``, two at a time in a fixed order
+(plus the hang run, which mostly sleeps: all at once was slower on 2 cores), and each test waits for its
 own: an uninterrupted reference and a run whose rank 1 is SIGKILLed mid-step under
 ``--max-restarts=1``; a rank that hangs in the DP gradient all-reduce; NaN losses in fp32 (stop) and
 fp16 (skip); checkpoint writes failing with ENOSPC / EACCES; and the bad-input table, run in one
 fresh interpreter by tests/reliability_bad_inputs.py. RELIABILITY.md maps every row to its test
 (kill -9 during a save and SIGTERM pre-emption are tests/test_checkpoint_train.py's).
 """
+import functools
 import json
 import math
 import os
@@ -18,7 +20,7 @@ import tempfile
 import pytest
 import torch
 
-from checkpoint_checks import describe, finish, kill_tree, metric_rows
+from checkpoint_checks import RunQueue, describe, metric_rows
 from megatron_bert.checkpoint import list_checkpoints
 from megatron_bert.checkpoint.sharded import read_full_state
 from megatron_bert.training import faults
@@ -80,17 +82,16 @@ def runs(request, tmp_path_factory):
         "bad_inputs": ([str(REPO / "tests" / "reliability_bad_inputs.py"), str(root / "bad_inputs"),
                         str(root / "bad_inputs.json")], 0, {}, ()),
     }
-    procs = {name: _start(args, n, e, tr) for name, (args, n, e, tr) in specs.items() if name in wanted}
-    yield {"root": root, "procs": procs}
-    for p in procs.values():
-        if p.poll() is None:
-            kill_tree(p.pid)
-            p.wait()
+    order = ("hang", "ref", "elastic", "bad_inputs", "nan_fp32", "nan_fp16", "disk")
+    assert sorted(order) == sorted(specs)
+    queue = RunQueue({name: functools.partial(_start, *specs[name]) for name in order if name in wanted},
+                     limit=2, uncounted=("hang",))
+    yield {"root": root, "queue": queue}
+    queue.close()
 
 
 def _result(runs, name, timeout=300):
-    res = finish({name: runs["procs"][name]}, timeout=timeout)[name]
-    return res, runs["root"] / name
+    return runs["queue"].wait(name, timeout=timeout), runs["root"] / name
 
 
 def _error_lines(stderr: str) -> list[str]:

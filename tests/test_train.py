@@ -1,11 +1,13 @@
-"""End-to-end trainer runs on CPU: TP/DP equivalence over 20 steps, multi-node rendezvous, config errors."""
+"""End-to-end trainer runs on CPU: TP/DP equivalence over 20 steps, multi-node rendezvous, config errors.
+Independent subprocess runs are started concurrently (see checkpoint_checks.launch / finish)."""
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from train_fixtures import REPO, base_overrides, build_dataset, env, metrics, train
+from checkpoint_checks import describe, finish, kill_tree, launch
+from train_fixtures import REPO, base_overrides, build_dataset, env, metrics
 
 
 @pytest.fixture(scope="session")
@@ -13,24 +15,22 @@ def dataset(tmp_path_factory):
     return build_dataset(tmp_path_factory.mktemp("train_data"))
 
 
-def _ok(res):
-    assert res.returncode == 0, f"exit {res.returncode}\nstdout:\n{res.stdout[-3000:]}\nstderr:\n{res.stderr[-3000:]}"
-
-
 def test_losses_match_across_tp_and_dp_with_dropout(dataset, tmp_path):
-    """20 steps, dropout on, fp32: TP=1, TP=2, TP=2 + sequence parallel and TP=2×DP=2 see the same losses."""
+    """20 steps, dropout on, fp32: TP=1, TP=2, TP=2 + sequence parallel and TP=2×DP=2 see the same losses.
+    The four runs do not depend on each other and are started at once (start-up dominates them)."""
     runs = {
         "tp1": (1, {}),
         "tp2": (2, {"parallel.tensor": 2}),
         "tp2_sp": (2, {"parallel.tensor": 2, "parallel.sequence_parallel": True}),
         "tp2_dp2": (4, {"parallel.tensor": 2}),
     }
+    procs = {name: launch(base_overrides(dataset, tmp_path / name, **{"train.max_steps": 20, **extra}), nproc=nproc)
+             for name, (nproc, extra) in runs.items()}
+    results = finish(procs, timeout=480)
     losses = {}
-    for name, (nproc, extra) in runs.items():
-        run_dir = tmp_path / name
-        res = train(base_overrides(dataset, run_dir, **{"train.max_steps": 20, **extra}), nproc=nproc)
-        _ok(res)
-        rows = metrics(run_dir)
+    for name in runs:
+        assert results[name][0] == 0, f"{name}: {describe(results[name])}"
+        rows = metrics(tmp_path / name)
         assert [r["step"] for r in rows] == list(range(1, 21))
         losses[name] = [(r["loss"], r["grad_norm"]) for r in rows]
     ref = losses["tp1"]
@@ -64,7 +64,7 @@ def test_two_nodes_two_processes_each_c10d_rendezvous(dataset, tmp_path):
     assert "dp=0/2" in "".join(o for o, _ in outs) or "dp=1/2" in "".join(o for o, _ in outs)
 
 
-@pytest.mark.parametrize("overrides,env_extra,message", [
+BAD_CONFIGS = [
     (["parallel.tensor=3"], {"WORLD_SIZE": "4", "RANK": "0"}, "parallel.tensor=3 does not divide the world size 4"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], {}, "train.global_batch_size=10 is not divisible"),
     (["model=huge"], {}, "model= must be one of"),
@@ -75,13 +75,31 @@ def test_two_nodes_two_processes_each_c10d_rendezvous(dataset, tmp_path):
     (["parallel.tensor=4", "model.num_attention_heads=6", "model.hidden_size=96"], {"WORLD_SIZE": "4"},
      "num_attention_heads (6) is not divisible by parallel.tensor (4)"),
     (["train.device=cuda"], {"CUDA_VISIBLE_DEVICES": ""}, "device=cuda was asked for but no CUDA GPU is visible"),
-])
-def test_bad_config_gives_one_line_before_any_process_group(overrides, env_extra, message, tmp_path):
-    e = {**env(), **env_extra}
-    res = subprocess.run([sys.executable, "-m", "megatron_bert.train", f"run_dir={tmp_path}", *overrides],
-                         capture_output=True, text=True, timeout=60, env=e, cwd=REPO)
-    assert res.returncode != 0
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(request, tmp_path_factory):
+    """`python -m megatron_bert.train` of every selected BAD_CONFIGS case, all started at once (each is
+    seconds of imports on a 2-core box, one after another they were most of this file's time); each
+    test waits for its own."""
+    wanted = {tuple(item.callspec.params["overrides"]) for item in request.session.items
+              if item.module is sys.modules[__name__] and "bad_config_runs" in item.fixturenames}
+    root = tmp_path_factory.mktemp("bad_config")
+    procs = {tuple(ov): launch([f"run_dir={root / f'case{i}'}", *ov], env_extra=env_extra)
+             for i, (ov, env_extra, _) in enumerate(BAD_CONFIGS) if tuple(ov) in wanted}
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            kill_tree(p.pid)
+            p.wait()
+
+
+@pytest.mark.parametrize("overrides,env_extra,message", BAD_CONFIGS)
+def test_bad_config_gives_one_line_before_any_process_group(bad_config_runs, overrides, env_extra, message):
+    rc, _, err = finish({"run": bad_config_runs[tuple(overrides)]}, timeout=180)["run"]
+    assert rc != 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert message in lines[0], lines[0]
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in err
