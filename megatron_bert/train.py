@@ -22,21 +22,15 @@ def build_task(cfg, ps, log):
 
 
 def _known_errors() -> tuple:
-    from parallel import ParallelConfigError
-
-    from .checkpoint import CheckpointError
-    from .config import ModelConfigError
-    from .training.config import ConfigError
-    from .training.trainer import TrainingStopped
-
-    errors = [ConfigError, ModelConfigError, ParallelConfigError, CheckpointError, TrainingStopped,
-              ValueError, OSError, KeyboardInterrupt]
-    try:
-        from .tasks import TaskDataError
-
-        errors.append(TaskDataError)
-    except ImportError:
-        pass
+    """Errors printed as one line: bad config, data or checkpoint (the config and data errors are
+    ValueErrors), a failed save, training stopped. The two RuntimeError kinds come from their modules
+    only once those are imported: an error of a module that never loaded was not raised, and importing
+    the trainer (torch.distributed.checkpoint, ~1 s) just to name them slowed every bad-config exit."""
+    errors = [ValueError, OSError, KeyboardInterrupt]
+    for module, name in (("checkpoint.sharded", "CheckpointError"), ("training.trainer", "TrainingStopped")):
+        cls = getattr(sys.modules.get(f"{__package__}.{module}"), name, None)
+        if cls is not None:
+            errors.append(cls)
     return tuple(errors)
 
 
@@ -63,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from .training import faults
         from .training.config import ConfigError, compose, validate
-        from .training.trainer import Trainer
 
         faults.install()  # test-only fault hooks from the environment (nothing when unset)
         cfg = compose(argv)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process-group work
+        from .training.trainer import Trainer  # after validate: a bad config exits without its imports
         faults.apply_dist_timeout(cfg.train.dist_timeout)  # also for groups torch creates (device mesh)
         ps = ParallelState.from_env(cfg.parallel.tensor, cfg.train.device, cfg.train.dist_timeout)
         trainer = Trainer(cfg, ps, None, argv)
