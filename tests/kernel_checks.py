@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_bert import triton_support  # noqa: E402
-from megatron_bert.model import (dropout_kernels, gelu_kernels, layernorm_kernels, qkv_kernels,  # noqa: E402
+from megatron_bert.model import (attention_kernels, dropout_kernels, gelu_kernels, layernorm_kernels,  # noqa: E402
+                                 qkv_kernels,
                                  residual_norm_kernels)
 
 
@@ -114,6 +115,132 @@ def check_qkv_pack(s: int, b: int, heads: int, hd: int, seed: int) -> None:
         raise SystemExit(f"FAIL qkv_grad_pack bias grad: {ulps:.3g} bf16 ulps from the fp32 column sum")
     print(f"OK interpret qkv_grad_pack s={s} b={b} heads={heads} hd={hd}: packed gradient bit-identical, "
           f"bias grad within {ulps:.2g} bf16 ulp of the fp32 column sum")
+
+
+def _attention_inputs(s, b, heads, hd, masked, seed, device, dtype):
+    g = torch.Generator().manual_seed(seed)
+    h = heads * hd
+    x = torch.randn(s, b, h, generator=g).to(device, dtype)
+    w = (torch.randn(3 * h, h, generator=g) * 1.5 / h ** 0.5).to(device, dtype)
+    bias = torch.randn(3 * h, generator=g).to(device, dtype)
+    dout = torch.randn(s, b, h, generator=g).to(device, dtype)
+    kv = None
+    if masked:  # a sample with a padded tail, one with a single real token
+        kv = torch.ones(b, s, dtype=torch.bool, device=device)
+        kv[0, s - s // 3:] = False
+        kv[-1, 1:] = False
+    return x, w, bias, dout, kv
+
+
+def _attention_references(x, w, bias, dout, kv, bits, heads, hd, p):
+    """float64 context and grads of the projected attention, and of the attention on the projection."""
+    import torch.nn.functional as F
+
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, bias))
+    ref = attention_kernels.reference(F.linear(x64, w64, b64), kv, bits, heads, hd, p)
+    ref.backward(dout.double())
+    q64 = F.linear(x, w, bias).double().requires_grad_()
+    r2 = attention_kernels.reference(q64, kv, bits, heads, hd, p)
+    r2.backward(dout.double())
+    return (ref, x64.grad, w64.grad, b64.grad), (r2, q64.grad)
+
+
+def _errors(attend, x, w, bias, dout, refs) -> dict:
+    """``attend(qkv) -> context`` run on the projection (as the model does) and on a given projection."""
+    import torch.nn.functional as F
+
+    (ref, dx64, dw64, db64), (r2, dq64) = refs
+    xt, wt, bt = (t.clone().requires_grad_() for t in (x, w, bias))
+    attend(F.linear(xt, wt, bt), (xt, wt, bt)).backward(dout)
+    qkv = F.linear(x, w, bias).requires_grad_()
+    o2 = attend(qkv, None)
+    o2.backward(dout)
+    return {"dx": _rel(xt.grad, dx64), "dW": _rel(wt.grad, dw64), "dbias": _rel(bt.grad, db64),
+            "op_out": _rel(o2, r2), "op_dqkv": _rel(qkv.grad, dq64)}
+
+
+def attention_errors(s: int, b: int, heads: int, hd: int, p: float, masked: bool, seed: int, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> dict:
+    """Relative errors (norms) against float64 of the attention kernels: ``projected_attention`` (the
+    grads of x, W and the folded bias) and ``flash_attention`` on a given projection (context, packed
+    grad), the reference applying the mask that ``drop_bits`` draws from the same seed. Also checks that
+    the forward's saved mask is that mask."""
+    x, w, bias, dout, kv = _attention_inputs(s, b, heads, hd, masked, seed, device, dtype)
+    seed_t = torch.tensor([seed + 1000], dtype=torch.int64, device=device)
+    bits = attention_kernels.drop_bits(seed_t, b * heads * s, s, p, 0) if p else None
+    saved = []
+
+    def ours(qkv, projection):
+        if projection is not None:
+            x_, w_, b_ = projection
+            return attention_kernels.projected_attention(x_, w_, b_, kv, seed_t, heads, hd, p)
+        out, _, mask = attention_kernels.flash_attention(qkv, kv, seed_t, heads, hd, p, 0)
+        saved.append(mask)
+        return out
+
+    errs = _errors(ours, x, w, bias, dout, _attention_references(x, w, bias, dout, kv, bits, heads, hd, p))
+    if p and not torch.equal(saved[0], bits):
+        raise SystemExit("FAIL attention: the forward's saved mask is not drop_bits' mask for the same seed")
+    return errs
+
+
+def sdpa_errors(s: int, b: int, heads: int, hd: int, masked: bool, seed: int, device: str,
+                dtype: torch.dtype) -> dict:
+    """``attention_errors``' numbers for torch's SDPA (cuDNN on GPU) on the same inputs, no dropout
+    (its mask cannot be reproduced): the bar our kernels are held to."""
+    import torch.nn.functional as F
+
+    x, w, bias, dout, kv = _attention_inputs(s, b, heads, hd, masked, seed, device, dtype)
+    mask = None if kv is None else kv[:, None, None, :]
+
+    def sdpa(qkv, _projection):
+        q, k, v = (t.permute(1, 2, 0, 3) for t in attention_kernels._views(qkv, heads, hd))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    return _errors(sdpa, x, w, bias, dout, _attention_references(x, w, bias, dout, kv, None, heads, hd, 0.0))
+
+
+def check_attention(s: int, b: int, heads: int, hd: int, p: float, masked: bool, seed: int) -> None:
+    errs = attention_errors(s, b, heads, hd, p, masked, seed)
+    if max(errs.values()) > 1e-5:  # fp32 kernels against float64
+        raise SystemExit(f"FAIL attention {s=} {b=} {heads=} {hd=} {p=} {masked=}: {errs}")
+    print(f"OK interpret attention s={s} b={b} heads={heads} hd={hd} p={p} masked={masked}: context and all grads "
+          f"within {max(errs.values()):.1e} of float64 (same dropout mask)")
+
+
+def mask_statistics(rows: int, s: int, p: float, seed: int, device: str = "cpu") -> str:
+    """Empty when ``drop_bits`` drops each position independently with probability p: overall rate
+    within 5σ, per-position (column) rates within 5σ, per-row counts with the binomial variance (±15%),
+    neighbours uncorrelated (lag-1 correlation within 5σ), a pure function of the seed, and another
+    salt an independent mask (2p(1-p) of the positions differ). Otherwise says what is wrong."""
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    bits = attention_kernels.drop_bits(seed_t, rows, s, p, 0)
+    drop = (~attention_kernels.keep_from_bits(bits, s)).double()
+    n = drop.numel()
+    rate, sd = drop.mean().item(), (p * (1 - p) / n) ** 0.5
+    cols = drop.mean(0)
+    col_sd = (p * (1 - p) / rows) ** 0.5
+    var = drop.sum(1).var().item()
+    lag = ((drop[:, 1:] - p) * (drop[:, :-1] - p)).mean().item() / (p * (1 - p))
+    lag_sd = (1.0 / (rows * (s - 1))) ** 0.5
+    other = (~attention_kernels.keep_from_bits(attention_kernels.drop_bits(seed_t, rows, s, p, 1), s)).double()
+    differ = (other != drop).double().mean().item()
+    checks = [(abs(rate - p) < 5 * sd, f"drop rate {rate:.6f} for p={p}"),
+              ((cols - p).abs().max().item() < 5 * col_sd,
+               f"a position's drop rate off by {(cols - p).abs().max():.4f}"),
+              (abs(var / (s * p * (1 - p)) - 1) < 0.15, f"per-row count variance {var:.2f} vs {s * p * (1 - p):.2f}"),
+              (abs(lag) < 5 * lag_sd, f"lag-1 correlation {lag:.4f}"),
+              (torch.equal(bits, attention_kernels.drop_bits(seed_t, rows, s, p, 0)), "not a function of the seed"),
+              (abs(differ - 2 * p * (1 - p)) < 5 * (2 * p * (1 - p) / n) ** 0.5, f"salt 1 differs at {differ:.4f}")]
+    return "; ".join(msg for ok, msg in checks if not ok)
+
+
+def check_attention_mask(rows: int, s: int, p: float, seed: int) -> None:
+    wrong = mask_statistics(rows, s, p, seed)
+    if wrong:
+        raise SystemExit(f"FAIL attention dropout mask {rows=} {s=} {p=}: {wrong}")
+    print(f"OK interpret attention dropout mask {rows}x{s} p={p}: rate, per-position rates, row-count variance, "
+          f"lag-1 correlation, determinism and salts as for independent Bernoulli(p) drops")
 
 
 def _within_ulp(a: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -244,7 +371,9 @@ def interpret() -> None:
     walk = gelu_kernels._fwd_kernel.configs[-1]  # the forward's row walk (its first config is one-shot)
     assert walk.kwargs["ROWS_PER_PROGRAM"] > walk.kwargs["SUB_M"]
     for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel, layernorm_kernels._layer_norm_fwd_kernel,
-                   residual_norm_kernels._fwd_kernel, residual_norm_kernels._bwd_kernel):
+                   residual_norm_kernels._fwd_kernel, residual_norm_kernels._bwd_kernel,
+                   attention_kernels._fwd_kernel, attention_kernels._bwd_dq_kernel,
+                   attention_kernels._bwd_dkdv_kernel, attention_kernels._drop_bits_kernel):
         kernel.configs = kernel.configs[:1]
     check_gelu(128 + 69, 256, 0)      # a ragged last program (69 rows: its last sub-block part-filled)
     check_gelu(100, 192, 1)           # columns not a multiple of the tile
@@ -262,6 +391,10 @@ def interpret() -> None:
     check_residual_norm((7, 2, 96), 0.0, 0, 11, False)    # a row narrower than its tile, nothing dropped
     check_residual_norm((16, 4, 128), 0.5, 3, 12, False)  # salted, no grad of h (the last layer's epilogue)
     check_encoder_fused(2, 13)
+    check_attention(64, 2, 2, 16, 0.0, False, 14)
+    check_attention(80, 3, 2, 16, 0.3, True, 15)   # a ragged last block, padding keys, a one-token sample
+    check_attention_mask(2048, 512, 0.1, 16)
+    check_attention_mask(2048, 96, 0.5, 17)        # a row of three words
 
 
 def compile_sm90() -> None:
@@ -297,6 +430,17 @@ def compile_sm90() -> None:
               {"HEADS": 16, "HEAD_DIM": 64, "ROWS": qkv_kernels._ROWS})
     if "st.global.v4.b32" not in k.asm["ptx"] and "st.global.v2.b32" not in k.asm["ptx"]:
         raise SystemExit("FAIL: the packed gradient is not stored with vector stores")
+    at = {**bf, "o_ptr": "*bf16", "do_ptr": "*bf16", "dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
+          "lse_ptr": "*fp32", "delta_ptr": "*fp32", "bits_ptr": "*i32", "kv_ptr": "*i1", "db_ptr": "*fp32",
+          "seed_ptr": "*i64", "qk_scale": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "inv_log_keep": "fp32"}
+    build(attention_kernels._drop_bits_kernel.fn, at, {"S_K": 512, "WORDS": 16, "ROWS": 32}, 1)
+    for drop, masked in ((True, False), (False, True)):
+        c = dict(S_Q=512, S_K=512, HEAD_DIM=64, WORDS=16, DROPOUT=drop, KEY_MASK=masked)
+        for cfg in attention_kernels._fwd_configs():
+            build(attention_kernels._fwd_kernel.fn, at, {**c, **cfg.kwargs}, cfg.num_warps)
+        for cfg in attention_kernels._bwd_configs()[:1]:
+            build(attention_kernels._bwd_dq_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
+            build(attention_kernels._bwd_dkdv_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
 
 
 if __name__ == "__main__":

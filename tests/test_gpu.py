@@ -1,11 +1,11 @@
 """GPU tests (skipped without CUDA): TP=2 vs TP=1 losses agree in bf16 (2 GPUs); on one GPU the
 CUDA-graphed step against the eager one, fresh dropout per replay, the Triton GeLU and LayerNorm
-kernels, the fused QKV projection, the compiled cross-entropy, a graphed bf16 run with async
-checkpoints resumed mid-way, the Triton dropout keep-mask (alone) and residual epilogue (in a
-compiled layer), the residual epilogue + LayerNorm kernels and the encoder path on them, compiled
-graphed steps against eager ones (bf16 grads read in place), and a compiled run restarted on a warm
-Inductor cache. The flat AdamW's GPU tests
-are in test_gpu_flat_adamw.py."""
+kernels, the fused QKV projection, our attention kernels and their dropout mask, the compiled
+cross-entropy, a graphed bf16 run with async checkpoints resumed mid-way, the Triton dropout
+keep-mask (alone) and residual epilogue (in a compiled layer), the residual epilogue + LayerNorm
+kernels and the encoder path on them, compiled graphed steps against eager ones (bf16 grads read in
+place), and a compiled run restarted on a warm Inductor cache. The flat AdamW's GPU tests are in
+test_gpu_flat_adamw.py."""
 import json
 import subprocess
 import sys
@@ -356,3 +356,55 @@ def test_a_compiled_run_starts_again_on_a_warm_inductor_cache(tmp_path):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=e, cwd=REPO)
         assert res.returncode == 0, f"run {attempt}: {res.stderr[-2000:]}"
         assert '"seq_per_s"' in res.stdout
+
+
+@needs_cuda
+def test_triton_attention_is_as_accurate_as_cudnn_and_its_mask_is_bernoulli():
+    """Our attention kernels (bf16, the 345M head shape, seq 512) against float64 with the same
+    dropout mask: the packed qkv grad and context, and through the projection the grads of x, W and
+    the folded bias, no further from float64 than torch's SDPA (cuDNN) is on the same inputs without
+    dropout (x 1.25; x 1.5 with dropout, which SDPA's mask cannot be made to match), padded keys too; the mask drawn on the GPU passes the interpreter's statistics
+    at 2^20 rows; inside a compiled layer, dropout off, the kernels give the cuDNN path's output and
+    grads to bf16 precision."""
+    import kernel_checks
+    from megatron_bert.config import ModelConfig, ModelRuntime
+    from megatron_bert.model import attention_kernels
+    from megatron_bert.model.dropout import DropoutContext
+    from megatron_bert.model.transformer import TransformerLayer
+    from parallel import ParallelState
+    from parallel.init import normal_init
+
+    assert attention_kernels.available()
+    s, b, heads, hd = 512, 4, 16, 64
+    for masked in (False, True):
+        bar = kernel_checks.sdpa_errors(s, b, heads, hd, masked, 3, "cuda", torch.bfloat16)
+        for p, factor in ((0.0, 1.25), (0.1, 1.5)):  # with dropout: kept terms scaled by 1/(1-p), the rest gone
+            ours = kernel_checks.attention_errors(s, b, heads, hd, p, masked, 3, "cuda", torch.bfloat16)
+            print("ATTENTION ERRORS", masked, p, {k: f"{ours[k]:.3g} (sdpa {bar[k]:.3g})" for k in bar})
+            assert all(ours[k] <= factor * bar[k] + 2e-4 for k in bar), (p, masked, ours, bar)
+    wrong = kernel_checks.mask_statistics(1 << 20, 512, 0.1, 5, "cuda")
+    assert not wrong, wrong
+    rel = lambda a, r: ((a.double() - r).norm() / r.norm()).item()  # noqa: E731
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=1, hidden_size=256, num_attention_heads=4, vocab_size=1000,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+    rt = ModelRuntime(dropout_impl="native", fuse_elementwise=True)
+    layer = TransformerLayer(cfg, rt, ParallelState.single(torch.device("cuda", 0)), 0, normal_init(0.02),
+                             normal_init(0.02)).to(torch.bfloat16)
+    assert layer.attention.flash
+    dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=128, seq_offset=0)
+    x = torch.randn(128, 8, 256, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(8, 1, 1, 128, dtype=torch.bool, device="cuda")
+    mask[1, ..., 100:] = False
+    dy = torch.randn_like(x)
+    results = []
+    for flash in (True, False):
+        layer.attention.flash = flash
+        layer.zero_grad()
+        xt = x.clone().requires_grad_()
+        y = torch.compile(lambda a: layer.attention_block(a, mask, dctx))(xt)
+        y.backward(dy)
+        results.append([y, xt.grad] + [prm.grad for prm in layer.attention.parameters()])
+    for i, (a, c) in enumerate(zip(*results)):
+        assert rel(a, c.double()) < 2e-2, (i, rel(a, c.double()))

@@ -21,7 +21,7 @@ from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
-from . import dropout_kernels, layernorm_kernels, qkv_kernels, residual_norm_kernels
+from . import attention_kernels, dropout_kernels, layernorm_kernels, qkv_kernels, residual_norm_kernels
 from .fused import bias_dropout_add, compiled, fused_bias_activation
 from .norm import make_layernorm
 
@@ -100,8 +100,38 @@ class SelfAttention(nn.Module):
         hd = cfg.head_dim
         self.fused_qkv = (rt.fuse_elementwise and ps.tp_size == 1 and hd >= 16 and hd & (hd - 1) == 0
                           and qkv_kernels.available())
+        # GPU with Triton, native dropout: our attention kernels on the packed projection output
+        # (attention_kernels.py: exact dropout at a fraction of cuDNN's cost, no permuting copies).
+        self.flash = rt.fuse_elementwise and rt.dropout_impl == "native" and attention_kernels.available()
+
+    def _flash_ok(self, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Our kernels take bf16 activations outside autocast, power-of-two head sizes, and no mask or
+        a key-padding one ``[b, 1, 1, s]`` (a causal mask goes to SDPA). They keep no ``[s, s]`` tensor,
+        so ``recompute=selective`` has nothing to recompute on this path."""
+        return (self.flash and not torch.is_autocast_enabled(x.device.type)
+                and attention_kernels.supports(self.cfg.head_dim, x.dtype)
+                and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)))
+
+    def _flash_forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        key_valid = None if mask is None else mask[:, 0, 0, :].contiguous()  # [b, s]
+        p = self.cfg.attention_dropout if dctx.active(self.cfg.attention_dropout) else 0.0
+        if p > 0.0:  # this rank's heads: the model-parallel generator inside TP regions
+            with dctx.tracker.fork() if dctx.tracker is not None else contextlib.nullcontext():
+                seed = dropout_kernels.draw_seed(x.device)
+        else:
+            seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+        hd, qkv = self.cfg.head_dim, self.query_key_value
+        if self.ps.tp_size == 1:  # the bias grad folded into the attention backward
+            ctx = attention_kernels.projected_attention(x, qkv.weight, qkv.bias, key_valid, seed, self.heads_local,
+                                                        hd, p)
+        else:
+            mixed = qkv(x)  # [s, b, heads_local · 3 · hd] (full sequence under SP)
+            ctx = attention_kernels.flash_attention(mixed, key_valid, seed, self.heads_local, hd, p, 0)[0]
+        return self.dense(ctx)  # ctx: [s, b, h/tp]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        if self._flash_ok(x, mask):
+            return self._flash_forward(x, mask, dctx)
         if self.fused_qkv and not torch.is_autocast_enabled(x.device.type):
             s, b, _ = x.shape
             qkv = self.query_key_value

@@ -1,0 +1,438 @@
+"""Flash attention with exact dropout at a fraction of its usual cost (Triton, GPU).
+
+Why: cuDNN's fused attention draws one Philox number per attention probability, and at BERT's
+head size (64) that draw, not the matrix units, sets the forward's time: 92 µs per layer of
+BERT-345M at seq 512 / batch 32 on H200 without dropout, 209 µs with it (bench/NOTES.md, session 9).
+A Bernoulli(p) drop needs ~0.47 bits of entropy per element, not 32: here the dropped positions of
+each query row are drawn as geometric gaps (``gap = ⌊log U / log(1 − p)⌋``, one uniform per *drop*,
+~p·s_k per row) by a small kernel that writes a bit mask (``drop_bits``: word-major
+``[⌈s_k/32⌉, b · heads · s_q]``); the attention kernels read one bit per probability. Each position is
+then dropped independently with probability ``p`` up to the float32 rounding of ``U`` and of the
+logarithm (~1e-7), as with torch's own dropout. The mask is a pure function of ``(seed, salt)``; the
+forward returns it for the backward (16.8 MB per layer of BERT-345M at seq 512 / batch 32: drawing it
+again cost more time than keeping it).
+
+The kernels read q, k, v straight from the QKV projection's output ``[s, b, heads · 3 · head_dim]``
+(per-head ``[q | k | v]``, as qkv_kernels.py), write the context as ``[s, b, heads · head_dim]`` (the
+output projection's input) and, in the backward, the gradient of the projection output in the same
+packed layout, so neither side needs a permuting copy; ``projected_attention`` (one TP rank) also
+folds the projection's bias grad into the backward kernels.
+
+    forward:  out = (P ⊙ Z) v,  P = softmax(q kᵀ / √d + key mask),  Z = keep / (1 − p)
+    backward: dv = (P ⊙ Z)ᵀ do,  dP = (do vᵀ) ⊙ Z,  dS = P ⊙ (dP − δ),  δ = rowsum(do ⊙ out)
+              dq = dS k / √d,  dk = dSᵀ q / √d
+
+One program per block of query rows (forward, dq) or key rows (dk, dv), the softmax online in base
+2 with the row maximum and log-sum-exp kept in fp32, as in the FlashAttention papers; the dq kernel
+computes δ for its rows and runs first. On H200 (session 9) the step is 0.7–1.8 ms faster than with
+cuDNN's attention; without dropout our kernels are still slower than cuDNN's (the dq kernel recomputes
+q kᵀ and do vᵀ instead of accumulating dq across key blocks).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..triton_support import column_sum, tl, triton, usable
+
+
+def available() -> bool:
+    """Triton and a GPU are present and ``MEGATRON_BERT_TRITON_ATTENTION`` is not "0" (A/B switch)."""
+    return usable("MEGATRON_BERT_TRITON_ATTENTION")
+
+
+def supports(head_dim: int, dtype: torch.dtype) -> bool:
+    """Head sizes the kernels' tiles take (a power of two, 16–128) and bf16 inputs (what the GPU test
+    holds to cuDNN's accuracy; fp16 and fp32 models keep SDPA)."""
+    return 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0 and dtype == torch.bfloat16
+
+
+def _fwd_configs():
+    # The winners at seq 512 / batch 32 on H200 (bench/bench_attention.py swept 6: bench/NOTES.md) and
+    # one more; each candidate costs a compile at start-up.
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))]
+
+
+def _bwd_configs():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2))]
+
+
+if triton is not None:
+    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+    def _tuned(configs, key):
+        # The interpreter cannot time candidates: it takes the first.
+        return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
+
+    @triton.jit
+    def _drop_step(rand, pos, word, bits, out, n_rows, inv_log_keep, S_K: tl.constexpr):
+        # One geometric gap from one Philox word: the next dropped key of each row.
+        # inv_log_keep = 1 / log2(1 - p); U = (r + 1/2) / 2^32 in (0, 1]
+        u = rand.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+        gap = tl.minimum(tl.floor(tl.log2(u) * inv_log_keep), S_K)  # log U / log(1 - p) >= 0
+        pos = tl.minimum(pos + 1 + gap.to(tl.int32), S_K)
+        new_word = pos >> 5
+        moved = new_word != word
+        tl.store(out + word.to(tl.int64) * n_rows, bits, mask=moved & (bits != 0))
+        bits = tl.where(moved, 0, bits) | tl.where(pos < S_K, 1 << (pos & 31), 0)
+        return pos, new_word, bits
+
+    @triton.jit
+    def _draw_rows(seed_ptr, bits_ptr, rows, row_ok, n_rows, inv_log_keep, salt, S_K: tl.constexpr,
+                   WORDS: tl.constexpr):
+        # Row r's dropped keys: pos_0 = G_0, pos_{i+1} = pos_i + 1 + G_{i+1}, G ~ Geometric(p) from
+        # one Philox word each (counter: row, draw, salt). Positions rise, so each row builds one
+        # 32-bit word at a time and stores it when the next drop lands in a later word (the buffer
+        # starts zeroed: words without drops are never written). Word-major layout [WORDS, n_rows]:
+        # a warp's rows advance at about the same pace, so its stores land in a few lines.
+        seed = tl.load(seed_ptr)
+        pos = tl.where(row_ok, -1, S_K)
+        zero = tl.zeros(rows.shape, dtype=tl.int32)
+        word, bits = zero, zero
+        out = bits_ptr + rows
+        draw = zero
+        while tl.min(pos, axis=0) < S_K:
+            r0, r1, r2, r3 = tl.philox(seed, rows.to(tl.int32), draw, zero + salt, zero)
+            pos, word, bits = _drop_step(r0, pos, word, bits, out, n_rows, inv_log_keep, S_K)
+            pos, word, bits = _drop_step(r1, pos, word, bits, out, n_rows, inv_log_keep, S_K)
+            pos, word, bits = _drop_step(r2, pos, word, bits, out, n_rows, inv_log_keep, S_K)
+            pos, word, bits = _drop_step(r3, pos, word, bits, out, n_rows, inv_log_keep, S_K)
+            draw += 1
+        tl.store(out + word.to(tl.int64) * n_rows, bits, mask=(bits != 0) & (word < WORDS))
+
+    @_tuned([triton.Config({"ROWS": r}, num_warps=w) for r, w in ((128, 4), (64, 2), (32, 1), (256, 4), (128, 2))],
+            key=["n_rows", "S_K"])
+    @triton.jit
+    def _drop_bits_kernel(seed_ptr, bits_ptr, n_rows, inv_log_keep, salt,
+                          S_K: tl.constexpr, WORDS: tl.constexpr, ROWS: tl.constexpr):
+        # ROWS rows per program, one or two per thread. A kernel of its own: with the forward at seq
+        # 512 / batch 32 on H200 the pair took 183 µs, the same draw in the forward's prologue 205 µs.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        _draw_rows(seed_ptr, bits_ptr, rows, rows < n_rows, n_rows, inv_log_keep, salt, S_K, WORDS)
+
+    @triton.jit
+    def _keep(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              WORDS: tl.constexpr):
+        # [BLOCK_M, BLOCK_N] bool, True where (query row, key start_n + j) is kept: the tile's
+        # BLOCK_N / 32 words per row, expanded in registers (a load per element measured 4x slower).
+        wcols = start_n // 32 + tl.arange(0, BLOCK_N // 32)
+        w = tl.load(bits_ptr + wcols[None, :].to(tl.int64) * n_rows + rows[:, None],
+                    mask=row_ok[:, None] & (wcols[None, :] < WORDS), other=0)
+        bit = w[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]  # one LOP3 per element, the bits hoisted
+        return tl.reshape(bit, [BLOCK_M, BLOCK_N]) == 0
+
+    @triton.jit
+    def _keep_t(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                WORDS: tl.constexpr):
+        # The transpose of _keep, [BLOCK_N keys, BLOCK_M queries], built as such (no transposing copy).
+        wcols = start_n // 32 + tl.arange(0, BLOCK_N // 32)
+        w = tl.load(bits_ptr + wcols[:, None].to(tl.int64) * n_rows + rows[None, :],
+                    mask=row_ok[None, :] & (wcols[:, None] < WORDS), other=0)
+        bit = w[:, None, :] & (1 << tl.arange(0, 32))[None, :, None]
+        return tl.reshape(bit, [BLOCK_N, BLOCK_M]) == 0
+
+    @_tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch"])
+    @triton.jit
+    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bits_ptr, kv_ptr,
+                    s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, keep_scale,
+                    S_Q: tl.constexpr, S_K: tl.constexpr, HEAD_DIM: tl.constexpr, WORDS: tl.constexpr,
+                    DROPOUT: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HEAD_DIM)
+        row_ok = rows < S_Q
+        base = b.to(tl.int64) * s_b + h * s_h
+        q = tl.load(q_ptr + base + rows[:, None] * s_s + d[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        bits = bits_ptr + bh.to(tl.int64) * S_Q  # word-major: [WORDS, b · heads · S_Q]
+        for start_n in range(0, S_K, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < S_K
+            k = tl.load(k_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            valid = col_ok
+            if KEY_MASK:
+                valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                p = tl.where(_keep(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), p, 0.0)
+            v = tl.load(v_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        empty = l_i == 0.0
+        out = acc * (keep_scale / tl.where(empty, 1.0, l_i))[:, None]
+        tl.store(o_ptr + b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_s + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + bh.to(tl.int64) * S_Q + rows, lse, mask=row_ok)
+
+    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch"])
+    @triton.jit
+    def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, bits_ptr, kv_ptr, db_ptr,
+                       s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
+                       S_Q: tl.constexpr, S_K: tl.constexpr, HEAD_DIM: tl.constexpr, WORDS: tl.constexpr,
+                       DROPOUT: tl.constexpr, KEY_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Block of query rows: δ = rowsum(do ⊙ out) (stored for the dk/dv kernel), then dq over all keys.
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HEAD_DIM)
+        row_ok = rows < S_Q
+        base = b.to(tl.int64) * s_b + h * s_h
+        obase = b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_s + d[None, :]
+        q = tl.load(q_ptr + base + rows[:, None] * s_s + d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + obase, mask=row_ok[:, None], other=0.0)
+        o = tl.load(o_ptr + obase, mask=row_ok[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(delta_ptr + bh.to(tl.int64) * S_Q + rows, delta, mask=row_ok)
+        lse = tl.load(lse_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=float("inf"))
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        bits = bits_ptr + bh.to(tl.int64) * S_Q  # word-major: [WORDS, b · heads · S_Q]
+        for start_n in range(0, S_K, BLOCK_N):
+            cols = start_n + tl.arange(0, BLOCK_N)
+            col_ok = cols < S_K
+            k = tl.load(k_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+            valid = col_ok
+            if KEY_MASK:
+                valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            p = tl.where(valid[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v))  # d(P ⊙ Z)
+            if DROPOUT:  # dP = d(P ⊙ Z) ⊙ Z, the scale folded into the subtraction (one FFMA)
+                dp = tl.where(_keep(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), dp, 0.0)
+                ds = p * (dp * keep_scale - delta[:, None])
+            else:
+                ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        dq = dq * sm_scale
+        tl.store(dq_ptr + base + rows[:, None] * s_s + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if BIAS_GRAD:  # this block's rows of the q columns' bias grad (rows past S_Q hold zeros)
+            db = db_ptr + (pid_m * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + h * 3 * HEAD_DIM + d
+            tl.store(db, tl.sum(dq, axis=0))
+
+    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch"])
+    @triton.jit
+    def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, bits_ptr, kv_ptr, db_ptr,
+                         s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
+                         S_Q: tl.constexpr, S_K: tl.constexpr, HEAD_DIM: tl.constexpr, WORDS: tl.constexpr,
+                         DROPOUT: tl.constexpr, KEY_MASK: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Block of key rows (BLOCK_N of them): dk, dv over all queries, in transposed tiles [keys, queries].
+        pid_n, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # key positions
+        d = tl.arange(0, HEAD_DIM)
+        col_ok = cols < S_K
+        base = b.to(tl.int64) * s_b + h * s_h
+        k = tl.load(k_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+        valid = col_ok
+        if KEY_MASK:
+            valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        bits = bits_ptr + bh.to(tl.int64) * S_Q  # word-major: [WORDS, b · heads · S_Q]
+        for start_m in range(0, S_Q, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < S_Q
+            q = tl.load(q_ptr + base + rows[:, None] * s_s + d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptr + b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_s + d[None, :],
+                         mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=0.0)
+            pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [keys, queries]
+            pt = tl.where(valid[:, None], pt, 0.0)
+            dpt = tl.dot(v, tl.trans(do))  # d(P ⊙ Z)ᵀ
+            if DROPOUT:
+                keep = _keep_t(bits, n_rows, rows, pid_n * BLOCK_N, row_ok, BLOCK_M, BLOCK_N, WORDS)
+                dv += tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do)  # scaled by 1 / (1 - p) once, below
+                dst = pt * (tl.where(keep, dpt, 0.0) * keep_scale - delta[None, :])
+            else:
+                dv += tl.dot(pt.to(do.dtype), do)
+                dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        dk = dk * sm_scale
+        if DROPOUT:
+            dv = dv * keep_scale
+        tl.store(dk_ptr + base + cols[:, None] * s_s + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptr + base + cols[:, None] * s_s + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+        if BIAS_GRAD:
+            db = db_ptr + (pid_n * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + h * 3 * HEAD_DIM + d
+            tl.store(db + HEAD_DIM, tl.sum(dk, axis=0))
+            tl.store(db + 2 * HEAD_DIM, tl.sum(dv, axis=0))
+
+
+def _check(qkv: torch.Tensor, heads: int, head_dim: int, key_valid: torch.Tensor | None, p: float) -> None:
+    s, b, width = qkv.shape
+    if width != heads * 3 * head_dim or qkv.stride(-1) != 1 or not 0.0 <= p < 1.0:
+        raise ValueError(f"attention kernels: qkv {tuple(qkv.shape)} with {heads} heads of {head_dim}, p={p}")
+    if key_valid is not None and tuple(key_valid.shape) != (b, s):
+        raise ValueError(f"attention kernels: key mask {tuple(key_valid.shape)}, expected {(b, s)}")
+
+
+def _words(s_k: int) -> int:
+    return -(-s_k // 32)
+
+
+def drop_bits(seed: torch.Tensor, rows: int, s_k: int, p: float, salt: int) -> torch.Tensor:
+    """The dropout bit mask ``[⌈s_k/32⌉, rows]`` (int32, word-major; bit j of word w of a row set = key
+    32w + j dropped)."""
+    bits = torch.zeros(_words(s_k), rows, dtype=torch.int32, device=seed.device)
+    if p > 0.0 and rows:
+        grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
+        _drop_bits_kernel[grid](seed, bits, rows, math.log(2.0) / math.log1p(-p), salt, S_K=s_k, WORDS=_words(s_k))
+    return bits
+
+
+def _views(qkv: torch.Tensor, heads: int, head_dim: int):
+    s, b, _ = qkv.shape
+    packed = qkv.view(s, b, heads, 3, head_dim)
+    return packed[:, :, :, 0], packed[:, :, :, 1], packed[:, :, :, 2]  # each [s, b, heads, hd]
+
+
+def _consts(s: int, head_dim: int, p: float, key_valid) -> dict:
+    return dict(S_Q=s, S_K=s, HEAD_DIM=head_dim, WORDS=_words(s), DROPOUT=p > 0.0, KEY_MASK=key_valid is not None)
+
+
+@torch.library.custom_op("megatron_bert::flash_attention", mutates_args=())
+def flash_attention(qkv: torch.Tensor, key_valid: torch.Tensor | None, seed: torch.Tensor, heads: int,
+                    head_dim: int, p: float, salt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention of the packed projection ``qkv [s, b, heads · 3 · head_dim]`` → (context
+    ``[s, b, heads · head_dim]``, log-sum-exp ``[b · heads, s]`` (fp32, base 2) and the dropout bit
+    mask (``drop_bits``; empty without dropout), both for the backward).
+
+    ``key_valid``: ``[b, s]`` bool, False for padding keys, or None. ``p``: dropout on the attention
+    probabilities, its mask drawn from ``seed`` (one int64 on the device) and ``salt``."""
+    _check(qkv, heads, head_dim, key_valid, p)
+    s, b, _ = qkv.shape
+    q, k, v = _views(qkv, heads, head_dim)
+    out = torch.empty(s, b, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(b * heads, s, dtype=torch.float32, device=qkv.device)
+    bits = drop_bits(seed, b * heads * s, s, p, salt) if p > 0.0 else lse.new_zeros(0, 0, dtype=torch.int32)
+    kv = key_valid if key_valid is not None else lse  # never read without KEY_MASK
+    grid = lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * heads)  # noqa: E731
+    _fwd_kernel[grid](q, k, v, out, lse, bits, kv, q.stride(0), q.stride(1), q.stride(2),
+                      out.stride(0), out.stride(1), out.stride(2), heads, b, b * heads * s,
+                      math.log2(math.e) / math.sqrt(head_dim), 1.0 / (1.0 - p), **_consts(s, head_dim, p, key_valid))
+    return out.view(s, b, heads * head_dim), lse, bits
+
+
+@flash_attention.register_fake
+def _(qkv, key_valid, seed, heads, head_dim, p, salt):
+    s, b, _ = qkv.shape
+    bits = (_words(s), b * heads * s) if p > 0.0 else (0, 0)
+    return (qkv.new_empty(s, b, heads * head_dim), qkv.new_empty(b * heads, s, dtype=torch.float32),
+            qkv.new_empty(bits, dtype=torch.int32))
+
+
+@torch.library.custom_op("megatron_bert::flash_attention_backward", mutates_args=())
+def flash_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             bits: torch.Tensor, key_valid: torch.Tensor | None, heads: int, head_dim: int,
+                             p: float, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of ``qkv`` (same packed layout) from that of the context, and with ``bias_grad``
+    its column sum (the projection's bias grad, ``[heads · 3 · head_dim]``; else empty)."""
+    s, b, _ = qkv.shape
+    dout4 = dout.reshape(s, b, heads, head_dim)
+    out4 = out.view(s, b, heads, head_dim)
+    if dout4.stride() != out4.stride():
+        dout4 = dout4.contiguous()
+    q, k, v = _views(qkv, heads, head_dim)
+    dqkv = torch.empty_like(qkv)
+    dq, dk, dv = _views(dqkv, heads, head_dim)
+    delta = torch.empty_like(lse)
+    kv = key_valid if key_valid is not None else lse
+    # Per-block partial sums of the bias grad: one row per (block, sample); blocks of at least 32 rows.
+    partial = (torch.zeros(triton.cdiv(s, 32) * b, qkv.shape[-1], dtype=torch.float32, device=qkv.device)
+               if bias_grad else lse)
+    args = (q.stride(0), q.stride(1), q.stride(2), out4.stride(0), out4.stride(1), out4.stride(2), heads, b,
+            b * heads * s, math.log2(math.e) / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim), 1.0 / (1.0 - p))
+    consts = dict(_consts(s, head_dim, p, key_valid), BIAS_GRAD=bias_grad)
+    _bwd_dq_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_M"]), b * heads)](
+        q, k, v, out4, dout4, lse, delta, dq, bits, kv, partial, *args, **consts)
+    _bwd_dkdv_kernel[lambda meta: (triton.cdiv(s, meta["BLOCK_N"]), b * heads)](
+        q, k, v, dout4, lse, delta, dk, dv, bits, kv, partial, *args, **consts)
+    dbias = column_sum(partial, qkv.dtype) if bias_grad else qkv.new_empty(0)
+    return dqkv, dbias
+
+
+@flash_attention_backward.register_fake
+def _(dout, qkv, out, lse, bits, key_valid, heads, head_dim, p, bias_grad):
+    return torch.empty_like(qkv), qkv.new_empty(qkv.shape[-1] if bias_grad else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, key_valid, _seed, heads, head_dim, p, _salt = inputs
+    ctx.save_for_backward(qkv, output[0], output[1], output[2], key_valid)
+    ctx.args = (heads, head_dim, p)
+
+
+def _backward(ctx, dout, _dlse, _dbits):
+    qkv, out, lse, bits, key_valid = ctx.saved_tensors
+    dqkv, _ = flash_attention_backward(dout, qkv, out, lse, bits, key_valid, *ctx.args, False)
+    return dqkv, None, None, None, None, None, None
+
+
+flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ProjectedAttention(torch.autograd.Function):
+    """QKV projection + attention with the bias grad folded into the attention backward (one TP rank:
+    no communication around the projection). The weight grads are the projection's two GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, key_valid, seed, heads: int, head_dim: int, p: float):
+        mixed = torch.nn.functional.linear(x, weight, bias)  # [s, b, heads · 3 · hd]
+        out, lse, bits = flash_attention(mixed, key_valid, seed, heads, head_dim, p, 0)
+        ctx.save_for_backward(x, weight, mixed, out, lse, bits, key_valid)
+        ctx.args = (heads, head_dim, p)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, mixed, out, lse, bits, key_valid = ctx.saved_tensors
+        dqkv, dbias = flash_attention_backward(dout, mixed, out, lse, bits, key_valid, *ctx.args, True)
+        g2 = dqkv.view(-1, dqkv.shape[-1])
+        dx = g2.matmul(weight).view(x.shape)
+        dweight = g2.t().matmul(x.reshape(-1, x.shape[-1]))
+        return dx, dweight, dbias, None, None, None, None, None
+
+
+def projected_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, key_valid: torch.Tensor | None,
+                        seed: torch.Tensor, heads: int, head_dim: int, p: float) -> torch.Tensor:
+    """``flash_attention(linear(x, weight, bias), ...)``'s context ``[s, b, heads · head_dim]`` for
+    ``x [s, b, h]`` on one TP rank (``weight [heads · 3 · hd, h]`` in the per-head q|k|v order)."""
+    return _ProjectedAttention.apply(x, weight, bias, key_valid, seed, heads, head_dim, p)
+
+
+def reference(qkv: torch.Tensor, key_valid: torch.Tensor | None, bits: torch.Tensor | None, heads: int,
+              head_dim: int, p: float) -> torch.Tensor:
+    """The same function in plain torch (float64-friendly), the dropout mask given as ``drop_bits``'s words."""
+    s, b, _ = qkv.shape
+    q, k, v = (t.permute(1, 2, 0, 3) for t in _views(qkv, heads, head_dim))  # [b, heads, s, hd]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if bits is not None and p > 0.0:
+        probs = probs * keep_from_bits(bits, s).view(b, heads, s, s) / (1.0 - p)
+    return (probs @ v).permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
+
+
+def keep_from_bits(bits: torch.Tensor, s_k: int) -> torch.Tensor:
+    """``[rows, s_k]`` bool (True = kept) from ``drop_bits``'s words."""
+    j = torch.arange(s_k, device=bits.device)
+    return ((bits.t()[:, j // 32] >> (j % 32)) & 1) == 0
