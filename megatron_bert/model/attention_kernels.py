@@ -43,10 +43,12 @@ def available() -> bool:
     return usable("MEGATRON_BERT_TRITON_ATTENTION")
 
 
-def supports(head_dim: int, dtype: torch.dtype) -> bool:
-    """Head sizes the kernels' tiles take (a power of two, 16–128) and bf16 inputs (what the GPU test
-    holds to cuDNN's accuracy; fp16 and fp32 models keep SDPA)."""
-    return 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0 and dtype == torch.bfloat16
+def supports(head_dim: int, dtype: torch.dtype, qkv_numel: int) -> bool:
+    """Head sizes the kernels' tiles take (a power of two, 16–128), bf16 inputs (what the GPU test
+    holds to cuDNN's accuracy; fp16 and fp32 models keep SDPA), and a projection output of fewer than
+    2^31 elements (the kernels index within a sample with 32-bit offsets)."""
+    return (16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0 and dtype == torch.bfloat16
+            and qkv_numel < 2 ** 31)
 
 
 def _fwd_configs():
@@ -135,7 +137,7 @@ if triton is not None:
         bit = w[:, None, :] & (1 << tl.arange(0, 32))[None, :, None]
         return tl.reshape(bit, [BLOCK_N, BLOCK_M]) == 0
 
-    @_tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch"])
+    @_tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch", "heads"])
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bits_ptr, kv_ptr,
                     s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, keep_scale,
@@ -178,7 +180,7 @@ if triton is not None:
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(lse_ptr + bh.to(tl.int64) * S_Q + rows, lse, mask=row_ok)
 
-    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch"])
+    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch", "heads"])
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, bits_ptr, kv_ptr, db_ptr,
                        s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
@@ -224,7 +226,7 @@ if triton is not None:
             db = db_ptr + (pid_m * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + h * 3 * HEAD_DIM + d
             tl.store(db, tl.sum(dq, axis=0))
 
-    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch"])
+    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch", "heads"])
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, bits_ptr, kv_ptr, db_ptr,
                          s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
@@ -278,7 +280,7 @@ if triton is not None:
 
 def _check(qkv: torch.Tensor, heads: int, head_dim: int, key_valid: torch.Tensor | None, p: float) -> None:
     s, b, width = qkv.shape
-    if width != heads * 3 * head_dim or qkv.stride(-1) != 1 or not 0.0 <= p < 1.0:
+    if width != heads * 3 * head_dim or not qkv.is_contiguous() or qkv.numel() >= 2 ** 31 or not 0.0 <= p < 1.0:
         raise ValueError(f"attention kernels: qkv {tuple(qkv.shape)} with {heads} heads of {head_dim}, p={p}")
     if key_valid is not None and tuple(key_valid.shape) != (b, s):
         raise ValueError(f"attention kernels: key mask {tuple(key_valid.shape)}, expected {(b, s)}")

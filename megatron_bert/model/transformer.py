@@ -108,8 +108,11 @@ class SelfAttention(nn.Module):
         """Our kernels take bf16 activations outside autocast, power-of-two head sizes, and no mask or
         a key-padding one ``[b, 1, 1, s]`` (a causal mask goes to SDPA). They keep no ``[s, s]`` tensor,
         so ``recompute=selective`` has nothing to recompute on this path."""
-        return (self.flash and not torch.is_autocast_enabled(x.device.type)
-                and attention_kernels.supports(self.cfg.head_dim, x.dtype)
+        if not self.flash or torch.is_autocast_enabled(x.device.type):
+            return False
+        s = x.shape[0] * (self.ps.tp_size if self.rt.sequence_parallel else 1)  # the full sequence
+        qkv_numel = s * x.shape[1] * 3 * self.heads_local * self.cfg.head_dim
+        return (attention_kernels.supports(self.cfg.head_dim, x.dtype, qkv_numel)
                 and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)))
 
     def _flash_forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
