@@ -36,6 +36,7 @@ import os
 import torch
 
 from ..triton_support import column_sum, tl, triton, usable
+from .qkv_kernels import projection_grads
 
 
 def available() -> bool:
@@ -407,9 +408,7 @@ class _ProjectedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, mixed, out, lse, bits, key_valid = ctx.saved_tensors
         dqkv, dbias = flash_attention_backward(dout, mixed, out, lse, bits, key_valid, *ctx.args, True)
-        g2 = dqkv.view(-1, dqkv.shape[-1])
-        dx = g2.matmul(weight).view(x.shape)
-        dweight = g2.t().matmul(x.reshape(-1, x.shape[-1]))
+        dx, dweight = projection_grads(dqkv, x, weight)
         return dx, dweight, dbias, None, None, None, None, None
 
 

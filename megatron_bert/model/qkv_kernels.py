@@ -74,6 +74,12 @@ def _(dq, dk, dv, bias):
     return dq.new_empty(s, b, heads * 3 * hd), torch.empty_like(bias)
 
 
+def projection_grads(dmixed: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """The input and weight grads of ``mixed = x Wᵀ + b`` (``x [s, b, h]``) from ``dmixed``: two GEMMs."""
+    g2 = dmixed.view(-1, dmixed.shape[-1])
+    return g2.matmul(weight).view(x.shape), g2.t().matmul(x.reshape(-1, x.shape[-1]))
+
+
 class _ProjectQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, heads: int, head_dim: int):
@@ -88,9 +94,7 @@ class _ProjectQKV(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         dq, dk, dv = (x.new_zeros(ctx.grad_shape) if g is None else g for g in (dq, dk, dv))
         dmixed, dbias = qkv_grad_pack(dq, dk, dv, bias)  # [s, b, 3h], [3h]
-        g2 = dmixed.view(-1, dmixed.shape[-1])
-        dx = g2.matmul(weight).view(x.shape)
-        dweight = g2.t().matmul(x.reshape(-1, x.shape[-1]))
+        dx, dweight = projection_grads(dmixed, x, weight)
         return dx, dweight, dbias, None, None
 
 
