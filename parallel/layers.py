@@ -16,22 +16,15 @@ from .mappings import gather_from_tp, reduce_from_tp, reduce_scatter_to_sp, scat
 from .state import ParallelState, check_divisible
 
 
-def _all_gather_seq_async(x: torch.Tensor, group):
-    """All-gather dim 0; returns (tensor, handle-or-None). Async only where nccl can."""
-    world = comm.group_size(group)
-    if world > 1 and comm._is_nccl(group):
-        out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        return out, torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=True)
-    return comm.all_gather_along_dim(x, group, 0), None
-
-
 class _ColumnParallelMatmul(torch.autograd.Function):
     """``y = gather_or_copy(x) @ Wᵀ + b`` with the input-gradient collective overlapped with the
     weight-gradient GEMM (the async all-reduce of Megatron's column-parallel backward).
 
     Without sequence parallel the entry is "copy" (bwd all-reduce of dL/dx); with it the entry is an
     all-gather of the sequence (bwd reduce-scatter). Under SP only the local shard is saved and the
-    full input is re-gathered in backward, so activation memory stays 1/tp.
+    full input is re-gathered in backward, behind the input-grad GEMM, so activation memory stays 1/tp.
+    The collectives are comm.py's functional ones: under torch.compile the backward is traced with
+    them, in this order.
     """
 
     @staticmethod
@@ -45,46 +38,27 @@ class _ColumnParallelMatmul(torch.autograd.Function):
             dt = torch.get_autocast_dtype(dev)
             x, weight = x.to(dt), weight.to(dt)
             bias = None if bias is None else bias.to(dt)
-        total = comm.all_gather_along_dim(x, group, 0) if sequence_parallel else x
+        total = comm.all_gather_along_dim(x, group, 0) if sequence_parallel else x  # [s, b, in]
         ctx.save_for_backward(x, weight)
         with torch.autocast(dev, enabled=False):
-            return F.linear(total, weight, bias)
+            return F.linear(total, weight, bias)  # [s, b, out/tp]
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         group, sp = ctx.group, ctx.sequence_parallel
-        gather_handle = None
+        total = comm.all_gather_along_dim(x, group, 0, wait=False) if sp else x
+        grad_in = grad_out.matmul(weight)  # [s, b, in], partial over the TP ranks
         if sp:
-            total, gather_handle = _all_gather_seq_async(x, group)
+            total = comm.wait(total)
+            grad_in = comm.reduce_scatter_along_dim(grad_in, group, 0, wait=False)  # → [s/tp, b, in]
         else:
-            total = x
-        grad_in = grad_out.matmul(weight)
-        if gather_handle is not None:
-            gather_handle.wait()
-
-        reduce_handle = None
-        if sp:
-            if comm._is_nccl(group) and comm.group_size(group) > 1:
-                world = comm.group_size(group)
-                scattered = torch.empty(
-                    (grad_in.shape[0] // world,) + tuple(grad_in.shape[1:]), dtype=grad_in.dtype, device=grad_in.device
-                )
-                reduce_handle = torch.distributed.reduce_scatter_tensor(
-                    scattered, grad_in.contiguous(), group=group, async_op=True
-                )
-            else:
-                scattered = comm.reduce_scatter_along_dim(grad_in, group, 0)
-        else:
-            reduce_handle = comm.all_reduce(grad_in, group, async_op=True)
-
+            grad_in = comm.sum_across(grad_in, group, wait=False)
         # Weight/bias gradients while the collective runs.
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         grad_w = g2.t().matmul(total.reshape(-1, total.shape[-1]))
         grad_b = g2.sum(0) if ctx.has_bias else None
-        if reduce_handle is not None:
-            reduce_handle.wait()
-        return (scattered if sp else grad_in), grad_w, grad_b, None, None
+        return comm.wait(grad_in), grad_w, grad_b, None, None
 
 
 def column_parallel_linear(x, weight, bias, group, sequence_parallel: bool = False) -> torch.Tensor:

@@ -6,7 +6,8 @@ exit (Megatron paper, fig. 3):
     replicated x ──copy_to_tp (f)──► [column-parallel ... row-parallel] ──reduce_from_tp (g)──► x
 
 With sequence parallelism the replicated region is instead split along the sequence
-(dim 0 of ``[s, b, h]``), and f / g become all-gather / reduce-scatter.
+(dim 0 of ``[s, b, h]``), and f / g become all-gather / reduce-scatter. The collectives are
+comm.py's functional ones, so torch.compile traces through every pair.
 """
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ class _CopyToTP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)  # nccl needs dense memory
-        comm.all_reduce(grad, ctx.group)
-        return grad, None
+        return comm.sum_across(grad, ctx.group), None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -35,9 +34,7 @@ class _ReduceFromTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone(memory_format=torch.contiguous_format)  # nccl needs dense memory
-        comm.all_reduce(x, group)
-        return x
+        return comm.sum_across(x, group)
 
     @staticmethod
     def backward(ctx, grad):

@@ -1,6 +1,6 @@
 """Checks of the model's Triton kernels (bias + GeLU with its bias-grad column sum, the QKV gradient
 pack, the bias + dropout + residual epilogue, the epilogue + LayerNorm kernels and the encoder's path on
-them) that need Triton but no GPU. Run by tests/test_kernels.py when MEGATRON_BERT_TEST_TRITON=1, or:
+them, the attention kernels and the attention layer on them at TP=2) that need Triton but no GPU. Run by tests/test_kernels.py when MEGATRON_BERT_TEST_TRITON=1, or:
 
     TRITON_INTERPRET=1 python tests/kernel_checks.py interpret   # against float64 / torch references
     python tests/kernel_checks.py compile                        # compiles each kernel for sm90
@@ -366,6 +366,17 @@ def check_encoder_fused(layers: int, seed: int) -> None:
           f"{len(names) - 1} grads within 1e-5 of the plain path")
 
 
+def check_attention_tp() -> None:
+    """The attention layer on our kernels at TP=2, ± sequence parallel (2 gloo ranks: tests/model_checks.py)."""
+    import model_checks
+    from dist_harness import run_distributed
+
+    reports = run_distributed(2, 2, model_checks.check_flash_attention_tp, timeout=600)
+    worst = max(v for r in reports for v in r.values())
+    print(f"OK interpret attention layer at TP=2 (± sequence parallel, padded batch): output and grads within "
+          f"{worst:.1e} of TP=1's SDPA path, each rank's dropout mask drop_bits(seed, salt=TP rank)")
+
+
 def interpret() -> None:
     # The interpreter cannot time autotune candidates: keep one tile shape of each kernel.
     walk = gelu_kernels._fwd_kernel.configs[-1]  # the forward's row walk (its first config is one-shot)
@@ -395,6 +406,7 @@ def interpret() -> None:
     check_attention(80, 3, 2, 16, 0.3, True, 15)   # a ragged last block, padding keys, a one-token sample
     check_attention_mask(2048, 512, 0.1, 16)
     check_attention_mask(2048, 96, 0.5, 17)        # a row of three words
+    check_attention_tp()
 
 
 def compile_sm90() -> None:

@@ -100,3 +100,109 @@ def check_native_recompute(ps: ParallelState):
 
 def run_all(ps: ParallelState):
     return [check_tp_equivalence(ps), check_native_recompute(ps)]
+
+
+def check_compiled_tp(ps: ParallelState, backend: str = "aot_eager"):
+    """Each layer's two halves torch.compile'd (as train.compile does; Inductor on GPU) at TP>1, ±
+    sequence parallel, ± the fused-epilogue layout (biases handed to the epilogues): the TP collectives
+    trace with no graph break, and loss, logits and every grad match TP=1 eager (keyed dropout on: its
+    masks do not depend on the layout)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    cfg = tiny_config(num_layers=1)
+    batch = make_batch()
+    ref = MegatronBertForPreTraining(cfg, ParallelState.single(), ModelRuntime(seed=7))
+    out_ref = _run(ref, batch)
+    report = {}
+    for sp, fuse in ((False, False), (True, False), (True, True)):
+        label = f"sp={sp},fuse={fuse}"
+        torch._dynamo.reset()
+        counters.clear()
+        model = MegatronBertForPreTraining(cfg, ps, ModelRuntime(seed=7, sequence_parallel=sp, fuse_elementwise=fuse))
+        for layer in model.bert.encoder.layers:
+            layer.compile_halves(None, backend)
+        out = _run(model, batch)
+        breaks = dict(counters["graph_break"])
+        assert not breaks, f"{label}: graph breaks in the compiled halves: {breaks}"
+        assert counters["stats"]["unique_graphs"] >= 2, f"{label}: nothing was compiled ({dict(counters['stats'])})"
+        report[label] = _compare(ps, model, ref, out, out_ref, f"compiled {label}")
+    return report
+
+
+def check_flash_attention_tp(ps: ParallelState):
+    """Run by tests/kernel_checks.py in Triton's interpreter on 2 gloo ranks: SelfAttention's path on our
+    attention kernels at TP>1, ± sequence parallel (the column-parallel projection, then flash_attention
+    on this rank's heads), against TP=1's SDPA path with the same weights, fp32. Without dropout the
+    output and every grad match; with it, each rank's output is the float64 reference's on the mask
+    that ``drop_bits`` draws from the step's seed salted with the TP rank."""
+    from megatron_bert.model import attention_kernels, dropout_kernels
+    from megatron_bert.model.dropout import DropoutContext
+    from megatron_bert.model.transformer import SelfAttention
+    from parallel.init import normal_init
+
+    attention_kernels.supports = lambda *_: True  # fp32 here: the interpreter's dot takes fp32 operands
+    s, b, heads, hd = 32, 2, 4, 16
+    g = torch.Generator().manual_seed(3)
+    x, dout = torch.randn(s, b, heads * hd, generator=g), torch.randn(s, b, heads * hd, generator=g)
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    mask[0, ..., s - 9:] = False  # a padded sample
+
+    def build(state, sp, p):
+        cfg = ModelConfig(hidden_size=heads * hd, num_attention_heads=heads, num_layers=1, vocab_size=128,
+                          attention_dropout=p)
+        inits = [normal_init(0.08, torch.Generator().manual_seed(k)) for k in (1, 2)]
+        attn = SelfAttention(cfg, ModelRuntime(sequence_parallel=sp, dropout_impl="native"), state, 0, *inits)
+        for bias in (attn.query_key_value.bias, attn.dense.bias):  # the same nonzero biases at any TP
+            n = bias.numel() * (state.tp_size if is_tp_sharded(bias) else 1)
+            full = torch.randn(n, generator=torch.Generator().manual_seed(n))
+            bias.data.copy_(shard_of(full, 0, state.tp_rank, state.tp_size) if is_tp_sharded(bias) else full)
+        return attn
+
+    def shard(t, sp):
+        return shard_of(t, 0, ps.tp_rank, ps.tp_size) if sp else t
+
+    ref = build(ParallelState.single(), False, 0.0)
+    xr = x.clone().requires_grad_()
+    out_ref = ref(xr, mask, DropoutContext(True, "native", 0, None, s, 0))
+    out_ref.backward(dout)
+    ref_grads = dict(ref.named_parameters())
+    report = {}
+    for sp in (False, True):
+        attn = build(ps, sp, 0.0)
+        attn.flash = True
+        dctx = DropoutContext(True, "native", 0, None, s, ps.tp_rank * s // ps.tp_size if sp else 0)
+        xt = shard(x, sp).clone().requires_grad_()
+        out = attn(xt, mask, dctx)
+        out.backward(shard(dout, sp))
+        allreduce_sequence_parallel_grads(attn.parameters(), ps)
+        worst = _close_all(f"flash TP sp={sp}", [("output", out, shard(out_ref, sp)), ("d input", xt.grad, shard(xr.grad, sp))]
+                           + [(n, p_.grad, shard_of(ref_grads[n].grad, p_.partition_dim, ps.tp_rank, ps.tp_size)
+                               if is_tp_sharded(p_) else ref_grads[n].grad) for n, p_ in attn.named_parameters()])
+        # dropout: this rank's mask is drop_bits(seed, salt = TP rank), the seed from the default generator
+        p = 0.25
+        attn = build(ps, sp, p)
+        attn.flash = True
+        torch.manual_seed(11)
+        with torch.no_grad():
+            out = attn(shard(x, sp), mask, dctx)
+            torch.manual_seed(11)
+            seed = dropout_kernels.draw_seed(torch.device("cpu"))
+            mixed = attn.query_key_value(shard(x, sp)).double()  # [s, b, heads_local · 3 · hd]
+            hl = heads // ps.tp_size
+            bits = attention_kernels.drop_bits(seed, b * hl * s, s, p, ps.tp_rank)
+            ctx = attention_kernels.reference(mixed, mask[:, 0, 0, :], bits, hl, hd, p)
+            want = attn.dense(ctx.float())
+        worst = max(worst, _close_all(f"flash TP sp={sp} p={p}", [("output", out, want)]))
+        report[f"sp={sp}"] = worst
+    return report
+
+
+def _close_all(label, triples, tol=TOL):
+    worst = 0.0
+    for name, got, want in triples:
+        assert got is not None and got.shape == want.shape, f"{label}: {name} missing or misshapen"
+        d = ((got - want).abs().max() / want.abs().max().clamp(min=1e-30)).item()  # relative to its largest
+        assert d <= tol, f"{label}: {name} differs by {d:.3g} (relative)"
+        worst = max(worst, d)
+    return worst

@@ -29,6 +29,34 @@ def test_tp_matches_tp1_with_dropout_sp_and_recompute(tp):
         assert native == "native recompute ok"
 
 
+def test_compiled_layers_at_tp2_trace_their_collectives_and_match_tp1():
+    """train.compile at TP>1 compiles each layer's halves with the TP collectives inside (Dynamo and
+    AOTAutograd here; Inductor generates the kernels on GPU): no graph break, ± sequence parallel, ±
+    the fused-epilogue layout."""
+    for report in run_distributed(2, 2, model_checks.check_compiled_tp):
+        assert set(report) == {"sp=False,fuse=False", "sp=True,fuse=False", "sp=True,fuse=True"}
+
+
+@pytest.mark.parametrize("env,compiled", [({}, True), ({"MEGATRON_BERT_COMPILE_TP": "0"}, False),
+                                         ({"MEGATRON_BERT_ASYNC_TP": "1"}, True)], ids=["default", "tp-off", "async-no-sp"])
+def test_train_compile_takes_the_layer_halves_at_tp2_unless_switched_off(monkeypatch, env, compiled):
+    from megatron_bert.training.compile_setup import compile_model
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_MULTI_KERNEL", "0")  # leave this process's Inductor settings alone
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ps = ParallelState(tp_size=2, tp_rank=0, world_size=2)  # no process group: nothing runs
+    model = MegatronBertForPreTraining(model_checks.tiny_config(num_layers=2), ps, ModelRuntime())
+    logs = []
+    compile_model(model, "default", ps, False, logs.append)
+    for layer in model.bert.encoder.layers:
+        for half in ("attention_block", "mlp_block", "attention_block_fused", "mlp_block_fused"):
+            assert hasattr(getattr(layer, half), "_torchdynamo_orig_callable") == compiled, half
+    assert not inductor_config._micro_pipeline_tp  # async TP needs sequence parallel
+    assert len(logs) == (0 if env == {} else 1) and all("\n" not in line for line in logs), logs
+
+
 def test_recompute_is_exact_in_one_process():
     cfg = model_checks.tiny_config()
     batch = model_checks.make_batch()

@@ -118,18 +118,18 @@ class SelfAttention(nn.Module):
     def _flash_forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
         key_valid = None if mask is None else mask[:, 0, 0, :].contiguous()  # [b, s]
         p = self.cfg.attention_dropout if dctx.active(self.cfg.attention_dropout) else 0.0
-        if p > 0.0:  # this rank's heads: the model-parallel generator inside TP regions
-            with dctx.tracker.fork() if dctx.tracker is not None else contextlib.nullcontext():
-                seed = dropout_kernels.draw_seed(x.device)
-        else:
-            seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+        # Every TP rank draws the same seed (the default generator is kept equal across them) and
+        # salts its heads' masks with its rank: masks differ per rank as with the model-parallel
+        # generator, without swapping generator states (which torch.compile breaks a graph at).
+        seed = dropout_kernels.draw_seed(x.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
         hd, qkv = self.cfg.head_dim, self.query_key_value
         if self.ps.tp_size == 1:  # the bias grad folded into the attention backward
             ctx = attention_kernels.projected_attention(x, qkv.weight, qkv.bias, key_valid, seed, self.heads_local,
                                                         hd, p)
         else:
             mixed = qkv(x)  # [s, b, heads_local · 3 · hd] (full sequence under SP)
-            ctx = attention_kernels.flash_attention(mixed, key_valid, seed, self.heads_local, hd, p, 0)[0]
+            ctx = attention_kernels.flash_attention(mixed, key_valid, seed, self.heads_local, hd, p,
+                                                    self.ps.tp_rank)[0]
         return self.dense(ctx)  # ctx: [s, b, h/tp]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
@@ -249,7 +249,7 @@ class TransformerLayer(nn.Module):
         h, h_normed = self.attention_block_fused(x, x_normed, mask, dctx)
         return self.mlp_block_fused(h, h_normed, dctx, next_norm.weight, next_norm.bias, next_norm.eps)
 
-    def compile_halves(self, mode: str = "default") -> None:
+    def compile_halves(self, mode: str | None = "default", backend: str = "inductor") -> None:
         """torch.compile the attention half and the MLP half as two graphs.
 
         The residual stream between them is then a graph boundary: it is written once in bf16 and
@@ -257,10 +257,8 @@ class TransformerLayer(nn.Module):
         in the backward from the attention output, the dropout mask and the layer input, and hands
         the fp32 result to the LayerNorm-backward kernel through a 64 MB buffer (bench/NOTES.md).
         """
-        self.attention_block = torch.compile(self.attention_block, mode=mode)
-        self.mlp_block = torch.compile(self.mlp_block, mode=mode)
-        self.attention_block_fused = torch.compile(self.attention_block_fused, mode=mode)
-        self.mlp_block_fused = torch.compile(self.mlp_block_fused, mode=mode)
+        for name in ("attention_block", "mlp_block", "attention_block_fused", "mlp_block_fused"):
+            setattr(self, name, torch.compile(getattr(self, name), mode=mode, backend=backend))
 
 
 class TransformerEncoder(nn.Module):

@@ -31,6 +31,7 @@ from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sa
 from ..checkpoint.manager import agree
 from ..config import ModelRuntime
 from . import faults
+from .compile_setup import compile_model
 from .config import model_config, parse_time, to_yaml
 from .metrics import MetricsWriter, Throughput, flops_per_sequence, peak_flops
 from .optim import LossScaler, LRSchedule, MasterWeightsOptimizer, build_optimizer, step_if_finite, use_flat_adamw
@@ -115,30 +116,7 @@ class Trainer:
             self.optimizer = make_optimizer(self.model)
             self.opt_params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.train.compile and ps.device.type == "cuda":
-            if "TORCHINDUCTOR_MULTI_KERNEL" not in os.environ:
-                # Let Inductor time the persistent and the looped variant of each LayerNorm-style
-                # reduction on first use and keep the faster (about 1% of a 345M step on H200).
-                import torch._inductor.config as inductor_config
-
-                inductor_config.triton.multi_kernel = 1
-                if "TORCHINDUCTOR_FX_GRAPH_CACHE" not in os.environ:
-                    # torch 2.11 fails to reload a cached graph that holds multi-kernels (TypeError in
-                    # MultiKernelCall.cache_file_path: the unpickled kernel lost its hash lock), so a
-                    # second run on a warm cache crashed (H200, BENCHMARKS.md). Inductor then
-                    # regenerates the graph each start (~10 s at 345M; Triton's binaries stay cached).
-                    inductor_config.fx_graph_cache = False
-            if ps.tp_size == 1:
-                halves = os.environ.get("MEGATRON_BERT_COMPILE_UNIT", "half") == "half"
-                for layer in self.model.bert.encoder.layers:
-                    if halves:
-                        layer.compile_halves(cfg.train.compile_mode)
-                    else:  # MEGATRON_BERT_COMPILE_UNIT=layer: one graph per layer (A/B runs)
-                        layer.compile(mode=cfg.train.compile_mode)
-                        layer.forward_fused = torch.compile(layer.forward_fused, mode=cfg.train.compile_mode)
-            else:
-                # Measured on H100 (BENCHMARKS.md): with TP collectives inside, the compiled layer
-                # breaks into many graphs and runs slower than eager, so only the epilogues compile.
-                self.log("train.compile: TP>1 compiles the fused elementwise epilogues only")
+            compile_model(self.model, cfg.train.compile_mode, ps, rt.sequence_parallel, self.log)
         total = cfg.train.max_steps
         warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_fraction * total)
         self.schedule = LRSchedule(cfg.train.lr, total, warmup, o.lr_schedule, o.min_lr)
@@ -173,9 +151,9 @@ class Trainer:
         if self.faults is not None:
             self.log("train.cuda_graph: test fault hooks are installed, the step runs eagerly")
             return False
-        if self.ps.world_size > 1:
-            # Capturing NCCL collectives is supported by torch but has not been run here yet
-            # (bench/NOTES.md); the eager step has no host sync either.
+        if self.ps.world_size > 1 and os.environ.get("MEGATRON_BERT_CUDA_GRAPH_DISTRIBUTED") != "1":
+            # Capturing NCCL collectives is supported by torch but has not been measured here yet
+            # (bench/NOTES.md): MEGATRON_BERT_CUDA_GRAPH_DISTRIBUTED=1 captures anyway (A/B runs).
             self.log("train.cuda_graph: only single-GPU runs are captured so far; the step runs eagerly")
             return False
         return True
