@@ -43,7 +43,7 @@ def _done(x: torch.Tensor, wait_now: bool) -> torch.Tensor:
 
 
 def sum_across(x: torch.Tensor, group, wait: bool = True) -> torch.Tensor:
-    """The sum of every rank's ``x`` (a new contiguous tensor; ``x`` is left alone)."""
+    """The sum of every rank's ``x``: a new contiguous tensor, ``x`` left alone (one rank: ``x`` itself)."""
     if group_size(group) == 1:
         return x
     return _done(_functional.all_reduce(x, "sum", group.group_name), wait)
