@@ -5,8 +5,8 @@ traceable by torch.compile, so a layer with TP collectives inside compiles to on
 pending tensor: ``wait=False`` returns one still being reduced or gathered, to hand to ``wait`` once
 the work meant to run beside the collective has been issued, eagerly as under compile (the work
 handles of ``torch.distributed``'s ``async_op=True``, which the column-parallel backward used for
-that, break a compiled graph). The in-place ``all_reduce`` is for flat
-gradient buffers outside the model (grads.py) and the other one-off reductions.
+that, break a compiled graph). The in-place ``all_reduce`` is for flat gradient buffers outside the
+model (grads.py) and the other one-off reductions.
 """
 from __future__ import annotations
 
