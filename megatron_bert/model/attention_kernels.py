@@ -138,6 +138,19 @@ if triton is not None:
         bit = w[:, None, :] & (1 << tl.arange(0, 32))[None, :, None]
         return tl.reshape(bit, [BLOCK_N, BLOCK_M]) == 0
 
+    @triton.jit
+    def _head_tile(ptr, base, pos, pos_ok, s_s, d):
+        # One head's [positions, HEAD_DIM] tile of q, k or v in the packed projection (zeros past the end).
+        return tl.load(ptr + base + pos[:, None] * s_s + d[None, :], mask=pos_ok[:, None], other=0.0)
+
+    @triton.jit
+    def _valid_keys(kv_ptr, b, cols, col_ok, S_K: tl.constexpr, KEY_MASK: tl.constexpr):
+        # Keys inside the sequence and, with a key-padding mask, not padding.
+        valid = col_ok
+        if KEY_MASK:
+            valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
+        return valid
+
     @_tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch", "heads"])
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bits_ptr, kv_ptr,
@@ -150,7 +163,7 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         row_ok = rows < S_Q
         base = b.to(tl.int64) * s_b + h * s_h
-        q = tl.load(q_ptr + base + rows[:, None] * s_s + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = _head_tile(q_ptr, base, rows, row_ok, s_s, d)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -158,11 +171,9 @@ if triton is not None:
         for start_n in range(0, S_K, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_ok = cols < S_K
-            k = tl.load(k_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+            k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-            valid = col_ok
-            if KEY_MASK:
-                valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
+            valid = _valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -171,7 +182,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:
                 p = tl.where(_keep(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), p, 0.0)
-            v = tl.load(v_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
+            v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         empty = l_i == 0.0
@@ -196,7 +207,7 @@ if triton is not None:
         row_ok = rows < S_Q
         base = b.to(tl.int64) * s_b + h * s_h
         obase = b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_s + d[None, :]
-        q = tl.load(q_ptr + base + rows[:, None] * s_s + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = _head_tile(q_ptr, base, rows, row_ok, s_s, d)
         do = tl.load(do_ptr + obase, mask=row_ok[:, None], other=0.0)
         o = tl.load(o_ptr + obase, mask=row_ok[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -207,11 +218,9 @@ if triton is not None:
         for start_n in range(0, S_K, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             col_ok = cols < S_K
-            k = tl.load(k_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
-            valid = col_ok
-            if KEY_MASK:
-                valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
+            k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
+            v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
+            valid = _valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
             p = tl.where(valid[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v))  # d(P ⊙ Z)
@@ -241,18 +250,16 @@ if triton is not None:
         d = tl.arange(0, HEAD_DIM)
         col_ok = cols < S_K
         base = b.to(tl.int64) * s_b + h * s_h
-        k = tl.load(k_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + base + cols[:, None] * s_s + d[None, :], mask=col_ok[:, None], other=0.0)
-        valid = col_ok
-        if KEY_MASK:
-            valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
+        k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
+        v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
+        valid = _valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         bits = bits_ptr + bh.to(tl.int64) * S_Q  # word-major: [WORDS, b · heads · S_Q]
         for start_m in range(0, S_Q, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < S_Q
-            q = tl.load(q_ptr + base + rows[:, None] * s_s + d[None, :], mask=row_ok[:, None], other=0.0)
+            q = _head_tile(q_ptr, base, rows, row_ok, s_s, d)
             do = tl.load(do_ptr + b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_s + d[None, :],
                          mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=float("inf"))
