@@ -7,8 +7,8 @@ The step is ``Trainer.train_step`` (forward/backward over micro-batches, grad sy
 AdamW) on synthetic batches already in pinned host memory: 15% of positions are MLM targets (as in
 real BERT data), token types split the sequence, no padding unless ``--pad``. Prints ``RESULT {json}``
 with seq/s, TFLOP/s per GPU and MFU (the same FLOPs formula as ../shared/bench/anchors.py: full-
-vocabulary logits at every position are counted even though we compute them only at the targets),
-and peak memory.
+vocabulary logits and the last layer at every position are counted even though we compute them only
+at the targets and [CLS]: model FLOPs, not the FLOPs run), and peak memory.
 """
 from __future__ import annotations
 
@@ -93,6 +93,8 @@ def main():
     p.add_argument("--recompute", default="none")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--pad", action="store_true", help="padded batches (masked attention)")
+    p.add_argument("--no-prune", action="store_true",
+                   help="train.prune_last_layer=false: the last layer at every position, not just [CLS] + targets")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", action="store_true")
@@ -115,7 +117,7 @@ def main():
     cfg.data.update(seq_length=a.seq, binary_head="sop")
     cfg.train.update(global_batch_size=a.batch, micro_batch_size=mb, precision=a.precision, device=a.device,
                      compile=a.compile, compile_mode=a.compile_mode, cuda_graph=a.cuda_graph, max_steps=a.warmup + a.iters, lr=1e-4, log_interval=10**9,
-                     eval_interval=10**9)
+                     eval_interval=10**9, prune_last_layer=not a.no_prune)
     cfg.checkpoint.update(dir=None, resume="none")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     ps = ParallelState.from_env(a.tp, a.device)
@@ -163,6 +165,7 @@ def main():
     if ps.is_main:
         r = dict(which="ours", tag=a.tag, tp=a.tp, dp=dp, sp=a.sp, model=a.model, seq=a.seq, batch=a.batch,
                  micro_batch=mb, dropout=a.dropout_impl, compile=a.compile and a.compile_mode, cuda_graph=a.cuda_graph, recompute=a.recompute, pad=a.pad,
+                 prune_last_layer=not a.no_prune,
                  step_ms=round(dt * 1e3, 2), seq_per_s=round(a.batch / dt, 1),
                  tflops_per_gpu=round(fl / dt / world / 1e12, 1), mfu_989=round(fl / dt / world / 989e12, 3),
                  mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

@@ -55,7 +55,7 @@ def summarize(prof, steps: int) -> dict:
     if cur_e is not None:
         busy += cur_e - cur_s
     wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:30]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:45]
     return {
         "ms_per_step_by_category": {k: round(v / steps / 1e3, 2) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         "kernel_ms_per_step": round(sum(by_cat.values()) / steps / 1e3, 2),

@@ -43,11 +43,12 @@ def run_steps(cfg, ps: ParallelState, steps: int, pad: bool = True) -> tuple[lis
 
 
 def step_losses(cuda_graph: bool, dropout: float, lr: float = 1e-4, steps: int = 7, pad: bool = True,
-                compile: bool = False, micro_batches: int = 2):
+                compile: bool = False, micro_batches: int = 2, prune: bool = True):
     """One GPU, eager or with the step captured as a CUDA graph (``compile``: train.compile, the GPU
-    kernels of the fused elementwise path); a global batch of 16 in ``micro_batches`` micro-batches."""
+    kernels of the fused elementwise path); a global batch of 16 in ``micro_batches`` micro-batches;
+    ``prune``: train.prune_last_layer."""
     cfg = small_config(steps, global_batch_size=16, micro_batch_size=16 // micro_batches, lr=lr,
-                       cuda_graph=cuda_graph, compile=compile)
+                       cuda_graph=cuda_graph, compile=compile, prune_last_layer=prune)
     cfg.model.update(hidden_dropout=dropout, attention_dropout=dropout)
     cfg.optim.update(warmup_steps=0, lr_schedule="constant")
     return run_steps(cfg, ParallelState.single(torch.device("cuda", 0)), steps, pad)

@@ -317,16 +317,22 @@ def check_residual_norm(shape: tuple, p: float, salt: int, seed: int, grad_h: bo
           f"LN(h), statistics and the five grads within one bf16 ulp of float64, kept {kept:.3f}")
 
 
-def encoder_both_paths(enc, x: torch.Tensor, mask, dctx, dout: torch.Tensor):
+def encoder_both_paths(enc, x: torch.Tensor, mask, dctx, dout: torch.Tensor, rows=None):
     """``enc``'s output, input grad and parameter grads (fp32) on its plain path, then on its fused path
-    (the layers' ``residual_norm`` off, then on), with their names: for this file and tests/test_gpu.py."""
+    (the layers' ``residual_norm`` off, then on), with their names: for this file and tests/test_gpu.py.
+    With ``rows [b, n]`` the fused path runs its last layer at those positions only, and the plain
+    path's full output is taken there."""
+    from megatron_bert.model.transformer import row_index, take_rows
+
     runs = []
     for fused_path in (False, True):
         for layer in enc.layers:
             layer.residual_norm = fused_path
         enc.zero_grad()
         xt = x.clone().requires_grad_()
-        out = enc(xt, mask, dctx)
+        out = enc(xt, mask, dctx, rows if fused_path else None)
+        if rows is not None and not fused_path:
+            out = take_rows(out, row_index(rows, x.shape[1]))
         out.backward(dout)
         runs.append([out.detach().float(), xt.grad.float()] + [p.grad.float() for p in enc.parameters()])
     return ["output", "d input"] + [n for n, _ in enc.named_parameters()], runs[0], runs[1]
@@ -358,12 +364,16 @@ def check_encoder_fused(layers: int, seed: int) -> None:
     mask[1, ..., 9:] = False  # one padded sequence
     dout = torch.cos(torch.arange(x.numel(), dtype=torch.float32)).view_as(x)
     names, plain, fused_path = encoder_both_paths(enc, x, mask, dctx, dout)
-    for name, a, ref in zip(names, fused_path, plain):
-        err = _rel(a, ref.double())
-        if err > 1e-5:
-            raise SystemExit(f"FAIL encoder fused path ({layers} layers): {name} off the plain path by {err:.3g}")
-    print(f"OK interpret encoder fused path ({layers} layers, fp32, padded batch): output and "
-          f"{len(names) - 1} grads within 1e-5 of the plain path")
+    # and its last layer pruned to 4 rows per sample ([CLS] first, a repeat, a key-padding mask)
+    rows = torch.tensor([[0, 3, 7, 11], [0, 1, 8, 0], [0, 5, 6, 2]])
+    names_rows, plain_rows, fused_rows = encoder_both_paths(enc, x, mask[:, :, :1], dctx, dout[:4], rows)
+    for what, pairs in (("", zip(names, fused_path, plain)), (" pruned", zip(names_rows, fused_rows, plain_rows))):
+        for name, a, ref in pairs:
+            err = _rel(a, ref.double())
+            if err > 1e-5:
+                raise SystemExit(f"FAIL encoder fused path{what} ({layers} layers): {name} off the plain path by {err:.3g}")
+    print(f"OK interpret encoder fused path ({layers} layers, fp32, padded batch; and its last layer at 4 rows "
+          f"per sample): output and {len(names) - 1} grads within 1e-5 of the plain path")
 
 
 def check_attention_tp() -> None:

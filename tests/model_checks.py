@@ -31,8 +31,8 @@ def make_batch(b=4, s=16, vocab=1000, seed=0):
                 next_sentence_label=torch.tensor([0, 1, 1, 0][:b]), sample_ids=torch.arange(b) + 1000)
 
 
-def _run(model, batch, only_masked=False):
-    out = model(**batch, only_masked_logits=only_masked)
+def _run(model, batch, only_masked=False, **kw):
+    out = model(**batch, only_masked_logits=only_masked, **kw)
     out.loss.backward()
     if model.ps.tp_size > 1:
         allreduce_sequence_parallel_grads(model.parameters(), model.ps)
@@ -43,9 +43,10 @@ def _compare(ps, model, ref, out, out_ref, label):
     worst = 0.0
     d = (out.loss - out_ref.loss).abs().item()
     assert d <= TOL, f"{label}: loss differs by {d:.3g}"
-    logits = gather_lm_logits(out.prediction_logits.detach(), ps)
-    d = (logits - out_ref.prediction_logits.detach()).abs().max().item()
-    assert d <= TOL, f"{label}: logits differ by {d:.3g}"
+    if out.prediction_logits is not None:
+        logits = gather_lm_logits(out.prediction_logits.detach(), ps)
+        d = (logits - out_ref.prediction_logits.detach()).abs().max().item()
+        assert d <= TOL, f"{label}: logits differ by {d:.3g}"
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         g_ref = ref_params[name].grad
@@ -98,15 +99,58 @@ def check_native_recompute(ps: ParallelState):
     return "native recompute ok"
 
 
+def target_positions(labels: torch.Tensor, spare: int = 2) -> torch.Tensor:
+    """Each sample's labelled positions in order, then ``spare`` or more unused slots (-1)."""
+    b, s = labels.shape
+    labelled = labels != -100
+    counts = labelled.sum(1)
+    k = int(counts.max()) + spare
+    order = torch.where(labelled, 0, s) + torch.arange(s)
+    return order.argsort(1)[:, :k].masked_fill(torch.arange(k) >= counts[:, None], -1)
+
+
+def check_pruned_last_layer(ps: ParallelState):
+    """The last layer computed only at [CLS] and the MLM targets (``target_positions``), at this TP size
+    ± sequence parallel (taken after the full layer there) ± recompute, against the full TP=1 model:
+    loss, binary loss, the targets' logits and every grad, keyed dropout on (its masks are indexed by
+    position, so the kept rows see the full layer's masks), padded batch."""
+    cfg = tiny_config()
+    batch = make_batch()
+    targets = target_positions(batch["labels"])
+    ref = MegatronBertForPreTraining(cfg, ParallelState.single(), ModelRuntime(seed=7))
+    out_ref = _run(ref, batch)
+    used = targets >= 0
+    flat = (torch.arange(targets.shape[0])[:, None] * batch["labels"].shape[1] + targets.clamp(min=0))[used]
+    ref_logits = out_ref.prediction_logits.detach().reshape(-1, out_ref.prediction_logits.shape[-1])[flat]
+    report = {}
+    for sp, recompute in ((False, "none"), (False, "selective"), (False, "full"), (True, "none")):
+        label = f"pruned sp={sp} rc={recompute}"
+        model = MegatronBertForPreTraining(cfg, ps, ModelRuntime(seed=7, sequence_parallel=sp, recompute=recompute))
+        out = model(**batch, target_positions=targets)
+        out.loss.backward()
+        if ps.tp_size > 1:
+            allreduce_sequence_parallel_grads(model.parameters(), ps)
+        d = (out.binary_loss - out_ref.binary_loss).abs().item()
+        assert d <= TOL, f"{label}: binary loss differs by {d:.3g}"
+        assert torch.equal(out.lm_labels[used.reshape(-1)], batch["labels"].reshape(-1)[flat]), f"{label}: labels"
+        assert (out.lm_labels[~used.reshape(-1)] == -100).all(), f"{label}: unused slots are labelled"
+        logits = gather_lm_logits(out.prediction_logits.detach(), ps)[used.reshape(-1)]
+        out.prediction_logits = None  # compared above, on the targets' rows; _compare: loss and grads
+        d = (logits - ref_logits).abs().max().item()
+        assert d <= TOL, f"{label}: target logits differ by {d:.3g}"
+        report[label] = _compare(ps, model, ref, out, out_ref, label)
+    return report
+
+
 def run_all(ps: ParallelState):
-    return [check_tp_equivalence(ps), check_native_recompute(ps)]
+    return [check_tp_equivalence(ps), check_native_recompute(ps), check_pruned_last_layer(ps)]
 
 
 def check_compiled_tp(ps: ParallelState, backend: str = "aot_eager"):
     """Each layer's two halves torch.compile'd (as train.compile does; Inductor on GPU) at TP>1, ±
-    sequence parallel, ± the fused-epilogue layout (biases handed to the epilogues): the TP collectives
-    trace with no graph break, and loss, logits and every grad match TP=1 eager (keyed dropout on: its
-    masks do not depend on the layout)."""
+    sequence parallel, ± the fused-epilogue layout (biases handed to the epilogues), and the last layer
+    pruned to the MLM targets: the TP collectives trace with no graph break, and loss, logits and every
+    grad match TP=1 eager (keyed dropout on: its masks do not depend on the layout)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
@@ -115,14 +159,19 @@ def check_compiled_tp(ps: ParallelState, backend: str = "aot_eager"):
     ref = MegatronBertForPreTraining(cfg, ParallelState.single(), ModelRuntime(seed=7))
     out_ref = _run(ref, batch)
     report = {}
-    for sp, fuse in ((False, False), (True, False), (True, True)):
-        label = f"sp={sp},fuse={fuse}"
+    targets = target_positions(batch["labels"])
+    for sp, fuse, pruned in ((False, False, False), (True, False, False), (True, True, False), (False, True, True)):
+        label = f"sp={sp},fuse={fuse}" + (",pruned" if pruned else "")
         torch._dynamo.reset()
         counters.clear()
         model = MegatronBertForPreTraining(cfg, ps, ModelRuntime(seed=7, sequence_parallel=sp, fuse_elementwise=fuse))
         for layer in model.bert.encoder.layers:
             layer.compile_halves(None, backend)
-        out = _run(model, batch)
+        if pruned:  # the one layer is the last: its row halves compile (loss and grads compared)
+            out = _run(model, batch, target_positions=targets)
+            out.prediction_logits = None
+        else:
+            out = _run(model, batch)
         breaks = dict(counters["graph_break"])
         assert not breaks, f"{label}: graph breaks in the compiled halves: {breaks}"
         assert counters["stats"]["unique_graphs"] >= 2, f"{label}: nothing was compiled ({dict(counters['stats'])})"

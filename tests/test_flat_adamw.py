@@ -190,36 +190,39 @@ def test_trainer_steps_with_the_flat_optimizer(monkeypatch, tmp_path):
 
     from megatron_bert.training import trainer as trainer_mod
 
-    def losses(flat: bool, micro: int = 2):
+    def losses(flat: bool, micro: int = 2, steps: int = 3):
         monkeypatch.setattr(trainer_mod, "use_flat_adamw", lambda device, capturable=False: flat)
-        cfg = small_config(3, global_batch_size=4, micro_batch_size=micro, device="cpu")
-        cfg.run_dir = str(tmp_path / f"flat_{flat}_{micro}")
+        cfg = small_config(steps, global_batch_size=4, micro_batch_size=micro, device="cpu")
+        cfg.run_dir = str(tmp_path / f"flat_{flat}_{micro}_{steps}")
         cfg.model.update(num_layers=2, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
                          attention_dropout=0.0)
         cfg.data.update(seq_length=32)
-        return run_steps(cfg, ParallelState.single(), 3)
+        return run_steps(cfg, ParallelState.single(), steps)
 
-    def same_run(base, flat, t_base, t_flat):
+    def same_run(base, flat, micro):
         for a, b in zip(base, flat):
             assert abs(a - b) <= 1e-5 * abs(a), (base, flat)
-        # three steps at lr 1e-4 barely move the loss: the masters tell (updates ~1e-4, the two AdamW
-        # implementations a few ulps apart)
-        for (n, p), q in zip(t_base.model.named_parameters(), t_flat.model.parameters()):
-            diff = (t_base.optimizer.master_of[p] - t_flat.optimizer.master_of[q]).abs().max().item()
-            assert diff <= 1e-6, (n, diff)
+        # The masters after one step (the same grads, updates ~1e-4 at lr 1e-4): the two AdamW
+        # implementations a few ulps apart. Not after three: from step 2 on, grads differ in the last ulp
+        # and AdamW amplifies that where sqrt(v) is near eps (grads zero in exact arithmetic, such as
+        # the key bias's: softmax ignores a shift shared by all keys) to a good part of lr.
+        (_, one_base), (_, one_flat) = losses(False, micro, 1), losses(True, micro, 1)
+        for (n, p), q in zip(one_base.model.named_parameters(), one_flat.model.parameters()):
+            diff = (one_base.optimizer.master_of[p] - one_flat.optimizer.master_of[q]).abs().max().item()
+            assert diff <= 1e-7, (n, diff)
 
     base, t0 = losses(False)
     flat, t1 = losses(True)
     assert t0.optimizer.flat is None and isinstance(t1.optimizer.optimizer, FlatAdamW)
     assert t1.optimizer.optimizer.exact, t1.optimizer.optimizer.fallback_reason
     assert t1.opt_params is t1.optimizer.masters
-    same_run(base, flat, t0, t1)
+    same_run(base, flat, 2)
     # one micro-batch per step: the trainer defers the grad copy (the norm and the step read the bf16
     # grads) and still steps as the per-tensor optimizer does
     base, t0 = losses(False, micro=4)
     flat, t2 = losses(True, micro=4)
     assert t2.optimizer.deferred is not None and t2.optimizer.flat.grad is None
-    same_run(base, flat, t0, t2)
+    same_run(base, flat, 4)
 
 
 @pytest.mark.parametrize("micro", [1, 2])

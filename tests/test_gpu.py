@@ -321,6 +321,28 @@ def test_residual_layer_norm_kernels_and_the_encoder_path_built_on_them():
     names, plain, fused_path = kernel_checks.encoder_both_paths(enc, x, None, dctx, torch.randn_like(x))
     for name, a, ref in zip(names, fused_path, plain):
         assert ((a - ref).norm() / ref.norm()).item() < 2e-2, name
+    # the last layer at 20 rows per sample ([CLS] and 19 others), compiled, against the full plain path
+    g = torch.Generator().manual_seed(1)
+    rows = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(127, generator=g)[:19]])
+                        for _ in range(8)]).cuda()
+    dout = torch.randn(20, 8, 256, device="cuda", dtype=torch.bfloat16)
+    names, plain, fused_path = kernel_checks.encoder_both_paths(enc, x, None, dctx, dout, rows)
+    for name, a, ref in zip(names, fused_path, plain):
+        assert ((a - ref).norm() / ref.norm()).item() < 2e-2, f"pruned: {name}"
+
+
+@needs_cuda
+def test_pruned_last_layer_steps_match_full_steps():
+    """train.prune_last_layer (the default) against the full last layer: compiled, graphed training
+    steps (SDPA for the pruned layer's queries, our kernels elsewhere) give the same losses, dropout off."""
+    from gpu_steps import step_losses
+
+    full, _ = step_losses(cuda_graph=True, dropout=0.0, compile=True, prune=False)
+    pruned, trainer = step_losses(cuda_graph=True, dropout=0.0, compile=True, prune=True)
+    assert trainer.step_graphs.replays == len(pruned) - 2
+    for step, (a, b) in enumerate(zip(full, pruned), 1):
+        assert abs(a - b) <= 2e-3 * abs(a), f"step {step}: pruned loss {b} vs full {a}"
+    assert pruned[-1] < pruned[0]
 
 
 @needs_cuda

@@ -24,9 +24,16 @@ single = ParallelState.single
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tp_matches_tp1_with_dropout_sp_and_recompute(tp):
     results = run_distributed(tp, tp, model_checks.run_all)
-    for report, native in results:
+    for report, native, pruned in results:
         assert set(report) == {f"sp={sp},recompute={rc}" for sp in (False, True) for rc in ("none", "full")}
         assert native == "native recompute ok"
+        assert len(pruned) == 4
+
+
+def test_pruned_last_layer_matches_the_full_model_in_one_process():
+    """TP=1: the last layer at [CLS] and the MLM targets only gives the full model's losses, target
+    logits and grads (keyed dropout on, padded batch, ± recompute; tests/model_checks.py)."""
+    assert len(model_checks.check_pruned_last_layer(single())) == 4
 
 
 def test_compiled_layers_at_tp2_trace_their_collectives_and_match_tp1():
@@ -34,7 +41,7 @@ def test_compiled_layers_at_tp2_trace_their_collectives_and_match_tp1():
     AOTAutograd here; Inductor generates the kernels on GPU): no graph break, ± sequence parallel, ±
     the fused-epilogue layout."""
     for report in run_distributed(2, 2, model_checks.check_compiled_tp):
-        assert set(report) == {"sp=False,fuse=False", "sp=True,fuse=False", "sp=True,fuse=True"}
+        assert set(report) == {"sp=False,fuse=False", "sp=True,fuse=False", "sp=True,fuse=True", "sp=False,fuse=True,pruned"}
 
 
 @pytest.mark.parametrize("env,compiled", [({}, True), ({"MEGATRON_BERT_COMPILE_TP": "0"}, False),

@@ -18,9 +18,10 @@ from parallel import ParallelState
 from parallel.grads import clip_coefficient
 
 
-def _task(device: str, masked_lm_prob=0.15):
+def _task(device: str, masked_lm_prob=0.15, prune=True):
     cfg = OmegaConf.structured(Schema)
     cfg.data.masked_lm_prob = masked_lm_prob
+    cfg.train.prune_last_layer = prune
     ps = types.SimpleNamespace(device=torch.device(device))
     return PretrainTask(cfg, ps, print)
 
@@ -30,29 +31,44 @@ def _collated(b=4, s=20, picks_per_row=3, seed=0):
     ids = torch.randint(5, 100, (b, s), generator=g)
     labels = torch.full((b, s), -100)
     for i in range(b):
-        pos = 1 + torch.randperm(s - 1, generator=g)[:picks_per_row]
+        pos = 1 + torch.randperm(s - 1, generator=g)[:picks_per_row - (i == 2)]  # sample 2: one fewer
         labels[i, pos] = ids[i, pos]
     mask = torch.ones(b, s, dtype=torch.long)
     return dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=mask, labels=labels,
                 binary_label=torch.zeros(b, dtype=torch.long), sample_id=torch.arange(b))
 
 
-def test_gpu_inputs_pad_mlm_targets_to_a_fixed_count_with_unlabelled_positions():
-    mb = _collated()
+def test_inputs_name_each_samples_targets_in_order_padded_to_a_fixed_count_on_gpu():
+    mb = _collated(picks_per_row=2)
     gpu, cpu = _task("cuda").model_inputs(mb), _task("cpu").model_inputs(mb)
-    cap = 4 * math.ceil(20 * 0.15)
-    assert cpu["lm_positions"].numel() == 12 and gpu["lm_positions"].numel() == cap
-    assert torch.equal(gpu["lm_positions"][:12], cpu["lm_positions"])
-    flat = mb["labels"].reshape(-1)
-    assert (flat[gpu["lm_positions"][12:]] == -100).all()
+    assert "lm_positions" not in gpu
+    assert cpu["target_positions"].shape == (4, 2)  # the most targets of a sample
+    assert gpu["target_positions"].shape == (4, math.ceil(20 * 0.15))  # the masking budget: static shapes
+    for i in range(4):
+        want = (mb["labels"][i] != -100).nonzero().squeeze(1)
+        for got in (cpu["target_positions"][i], gpu["target_positions"][i]):
+            assert torch.equal(got[:want.numel()], want) and (got[want.numel():] == -1).all()
     assert gpu["attention_mask"] is None  # no padding → no mask (flash attention)
     mb["attention_mask"][1, -2:] = 0
     assert _task("cuda").model_inputs(mb)["attention_mask"] is mb["attention_mask"]
 
 
-def test_more_targets_than_the_capacity_are_kept_not_cut():
+def test_gpu_inputs_unpruned_pad_mlm_targets_to_a_fixed_count_with_unlabelled_positions():
+    mb = _collated()
+    gpu, cpu = _task("cuda", prune=False).model_inputs(mb), _task("cpu", prune=False).model_inputs(mb)
+    cap = 4 * math.ceil(20 * 0.15)
+    assert "target_positions" not in gpu
+    assert cpu["lm_positions"].numel() == 11 and gpu["lm_positions"].numel() == cap
+    assert torch.equal(gpu["lm_positions"][:11], cpu["lm_positions"])
+    flat = mb["labels"].reshape(-1)
+    assert (flat[gpu["lm_positions"][11:]] == -100).all()
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_more_targets_than_the_capacity_are_kept_not_cut(prune):
     mb = _collated(picks_per_row=6)  # over ceil(20 * 0.15) = 3 per sample: shapes change, nothing is lost
-    assert _task("cuda").model_inputs(mb)["lm_positions"].numel() == 24
+    x = _task("cuda", prune=prune).model_inputs(mb)
+    assert (x["target_positions"] >= 0).sum() == 23 if prune else x["lm_positions"].numel() == 23
 
 
 def test_padded_target_positions_change_neither_loss_nor_gradients():

@@ -64,12 +64,24 @@ def _bwd_configs():
             for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2))]
 
 
+def _zero_bias_partials(group: slice):
+    """Autotune hook for a backward kernel: zero its columns (q, or k and v) of the bias-grad partial
+    sums before each candidate and before the chosen one runs. A candidate with smaller blocks writes
+    more partial rows than the chosen one, whose column sum would otherwise count them too; the other
+    kernel's columns are left alone (one buffer for both)."""
+    def hook(kwargs, reset_only=False):
+        if kwargs["BIAS_GRAD"]:
+            db = kwargs["db_ptr"]
+            db.view(db.shape[0], kwargs["heads"], 3, kwargs["HEAD_DIM"])[:, :, group].zero_()
+    return hook
+
+
 if triton is not None:
     _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-    def _tuned(configs, key):
+    def _tuned(configs, key, pre_hook=None):
         # The interpreter cannot time candidates: it takes the first.
-        return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
+        return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key, pre_hook=pre_hook)
 
     @triton.jit
     def _drop_step(rand, pos, word, bits, out, n_rows, inv_log_keep, S_K: tl.constexpr):
@@ -192,7 +204,9 @@ if triton is not None:
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         tl.store(lse_ptr + bh.to(tl.int64) * S_Q + rows, lse, mask=row_ok)
 
-    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch", "heads"])
+    _BWD_KEY = ["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch", "heads"]
+
+    @_tuned(_bwd_configs(), key=_BWD_KEY, pre_hook=_zero_bias_partials(slice(0, 1)))
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, bits_ptr, kv_ptr, db_ptr,
                        s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
@@ -236,7 +250,7 @@ if triton is not None:
             db = db_ptr + (pid_m * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + h * 3 * HEAD_DIM + d
             tl.store(db, tl.sum(dq, axis=0))
 
-    @_tuned(_bwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch", "heads"])
+    @_tuned(_bwd_configs(), key=_BWD_KEY, pre_hook=_zero_bias_partials(slice(1, 3)))
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, bits_ptr, kv_ptr, db_ptr,
                          s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,

@@ -18,7 +18,7 @@ from parallel.random import RNGTracker, seed_everything
 
 from ..config import ModelConfig, ModelConfigError, ModelRuntime
 from .dropout import SITE_EMBEDDINGS, DropoutContext
-from .transformer import TransformerEncoder
+from .transformer import TransformerEncoder, row_index, take_rows
 
 
 @dataclass
@@ -163,20 +163,30 @@ class MegatronBertModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, sample_ids=None,
-               causal: bool = False) -> tuple[torch.Tensor, DropoutContext]:
-        """→ final hidden states ``[s, b, h]`` on every rank (full sequence) and the dropout context."""
+               causal: bool = False, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, DropoutContext]:
+        """→ final hidden states ``[s, b, h]`` on every rank (full sequence) and the dropout context.
+
+        ``rows [b, n]``: only these positions of each sample are wanted, → ``[n, b, h]``; the last
+        layer then computes just those rows (the same values: every layer before it, and its keys and
+        values, still see the whole sequence). Under sequence parallelism the rows are taken after it.
+        """
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         self.check_inputs(input_ids, token_type_ids)
         b, s = input_ids.shape
         dctx = self.dropout_context(b, s, input_ids.device, sample_ids)
         mask = extended_mask(attention_mask, s, causal, input_ids.device)
+        if rows is not None and causal:
+            raise ValueError("rows (a pruned last layer) cannot be combined with causal attention")
+        prune = rows is not None and not self.rt.sequence_parallel
         x = self.embeddings(input_ids, token_type_ids, dctx)
-        x = self.encoder(x, mask, dctx)
+        x = self.encoder(x, mask, dctx, rows if prune else None)
         if self.rt.sequence_parallel:
             # Everything after this point is replicated work, so each rank's gradient of the gathered
             # tensor is already complete: backward just keeps this rank's chunk.
             x = gather_from_sp(x, self.ps.tp_group, grad_is_partial=False)
+        if rows is not None and not prune:
+            x = take_rows(x, row_index(rows, b))
         return x, dctx
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, sample_ids=None):

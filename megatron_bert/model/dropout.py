@@ -8,6 +8,7 @@ sequence-parallel sharding and recompute all give the same masks. ``native`` use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,12 @@ class DropoutContext:
     seq_len: int  # full sequence length
     seq_offset: int  # where this rank's sequence shard starts (sequence parallel), else 0
     tracker: RNGTracker | None = None
+    # [b, n] positions of the rows a pruned layer computes (TransformerLayer.forward_rows): keyed
+    # masks are then indexed by those positions, so the kept rows get the masks of the full layer.
+    rows: torch.Tensor | None = None
+
+    def at_rows(self, rows: torch.Tensor) -> "DropoutContext":
+        return dataclasses.replace(self, rows=rows)
 
     def active(self, p: float) -> bool:
         return self.training and p > 0.0
@@ -49,7 +56,10 @@ class DropoutContext:
             return F.dropout(x, p, True)
         s_local, _, h = x.shape
         keys = self._keys(site).view(1, -1, 1)
-        index = slice_index((self.seq_len, h), (self.seq_offset, 0), (s_local, h), x.device).unsqueeze(1)
+        if self.rows is not None:  # x: [n, b, h] at the positions rows [b, n]
+            index = self.rows.t().unsqueeze(-1) * h + torch.arange(h, device=x.device)
+        else:
+            index = slice_index((self.seq_len, h), (self.seq_offset, 0), (s_local, h), x.device).unsqueeze(1)
         return keyed_dropout(x, p, keys, index)
 
     def batch_first(self, x: torch.Tensor, p: float, site: int) -> torch.Tensor:
@@ -64,7 +74,8 @@ class DropoutContext:
         return keyed_dropout(x, p, keys, index)
 
     def attention_probs(self, probs: torch.Tensor, p: float, site: int, head_offset: int, num_heads: int):
-        """Dropout on ``[b, heads_local, s, s]`` attention probabilities (a TP region: this rank's heads)."""
+        """Dropout on ``[b, heads_local, s, s]`` attention probabilities (a TP region: this rank's heads),
+        or ``[b, heads_local, n, s]`` for the query rows of a pruned layer."""
         if not self.active(p):
             return probs
         if self.impl == "native":
@@ -72,5 +83,10 @@ class DropoutContext:
                 return F.dropout(probs, p, True)
         _, nh, sq, sk = probs.shape
         keys = self._keys(site).view(-1, 1, 1, 1)
-        index = slice_index((num_heads, sq, sk), (head_offset, 0, 0), (nh, sq, sk), probs.device).unsqueeze(0)
+        if self.rows is not None:  # query rows at positions rows [b, n] of a [num_heads, sk, sk] tensor
+            heads = torch.arange(head_offset, head_offset + nh, device=probs.device).view(1, -1, 1, 1)
+            query = self.rows.view(-1, 1, sq, 1)
+            index = (heads * sk + query) * sk + torch.arange(sk, device=probs.device)
+        else:
+            index = slice_index((num_heads, sq, sk), (head_offset, 0, 0), (nh, sq, sk), probs.device).unsqueeze(0)
         return keyed_dropout(probs, p, keys, index)

@@ -35,6 +35,7 @@ class ModelOutput:
     binary_loss: torch.Tensor | None = None
     lm_loss_sum: torch.Tensor | None = None  # for exact normalisation across micro-batches / DP
     lm_tokens: torch.Tensor | None = None
+    lm_labels: torch.Tensor | None = None  # the targets of prediction_logits' rows (-100 = none)
 
 
 def gather_lm_logits(logits: torch.Tensor, ps: ParallelState) -> torch.Tensor:
@@ -59,29 +60,48 @@ class LMHead(nn.Module):
         return column_parallel_linear(x, word_embeddings, self.bias, self.ps.tp_group)
 
 
-def _mlm(lm_head: LMHead, bert: MegatronBertModel, hidden_sbh, labels, only_masked: bool, lm_positions=None):
-    """Logits (all positions, or only labelled ones) and the mean / summed MLM loss.
+def target_rows(target_positions: torch.Tensor) -> torch.Tensor:
+    """MLM target positions ``[b, k]`` (-1 = unused slot) → the rows the encoder must compute for
+    pretraining, ``[b, 1 + k]``: [CLS] (position 0, the binary head's input) first, then the targets
+    (unused slots point at [CLS] again; their label is -100)."""
+    cls = torch.zeros_like(target_positions[:, :1])
+    return torch.cat([cls, target_positions.clamp(min=0)], dim=1)
+
+
+def _mlm(lm_head: LMHead, bert: MegatronBertModel, hidden_sbh, labels, only_masked: bool, lm_positions=None,
+         target_positions=None):
+    """Logits (all positions, or only labelled ones), the mean / summed MLM loss, the token count and
+    the labels the logits rows stand for.
 
     ``lm_positions``: flat indices (into ``[b * s]``) of the labelled tokens, computed on the host by
     the data loader so selecting them needs no device→host sync. It may also name unlabelled
     positions (padding to a fixed count): their target is -100, which the loss ignores.
+    ``target_positions [b, k]``: the encoder ran pruned (``hidden_sbh`` is ``[1 + k, b, h]`` at
+    target_rows), and the logits are those of the k target slots of every sample.
     """
-    hidden = hidden_sbh.transpose(0, 1)  # [b, s, h]
     word = bert.embeddings.word_embeddings.weight
-    if labels is None:
-        return lm_head(hidden, word), None, None, None
-    if only_masked:
-        if lm_positions is None:
-            lm_positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, lm_positions)  # [n, h]
-        logits = lm_head(picked, word)  # [n, V/tp]
-        labels = labels.reshape(-1).index_select(0, lm_positions)  # [n]
+    if target_positions is not None:
+        if labels is None:
+            raise ValueError("target_positions needs labels")
+        picked = hidden_sbh[1:].transpose(0, 1).reshape(-1, hidden_sbh.shape[-1])  # [b · k, h]
+        labels = labels.gather(1, target_positions.clamp(min=0)).masked_fill(target_positions < 0, -100).reshape(-1)
+        logits = lm_head(picked, word)  # [b · k, V/tp]
     else:
-        logits = lm_head(hidden, word)  # [b, s, V/tp]
+        hidden = hidden_sbh.transpose(0, 1)  # [b, s, h]
+        if labels is None:
+            return lm_head(hidden, word), None, None, None, None
+        if only_masked:
+            if lm_positions is None:
+                lm_positions = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+            picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, lm_positions)  # [n, h]
+            logits = lm_head(picked, word)  # [n, V/tp]
+            labels = labels.reshape(-1).index_select(0, lm_positions)  # [n]
+        else:
+            logits = lm_head(hidden, word)  # [b, s, V/tp]
     token_loss = vocab_parallel_cross_entropy(logits, labels, bert.ps.tp_group, compiled=bert.rt.fuse_elementwise)
     tokens = (labels != -100).sum()
     loss_sum = token_loss.sum()
-    return logits, loss_sum / tokens.clamp(min=1), loss_sum, tokens
+    return logits, loss_sum / tokens.clamp(min=1), loss_sum, tokens, labels
 
 
 class _HeadModel(nn.Module):
@@ -108,16 +128,20 @@ class MegatronBertForPreTraining(_HeadModel):
         self.binary_head = replicated_linear(cfg.hidden_size, cfg.num_binary_labels, self.inits.init, ps.device)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                next_sentence_label=None, sample_ids=None, only_masked_logits: bool = False, lm_positions=None):
-        hidden, _ = self.bert.encode(input_ids, attention_mask, token_type_ids, sample_ids)
-        logits, lm_loss, lm_sum, lm_tokens = _mlm(self.lm_head, self.bert, hidden, labels, only_masked_logits,
-                                                  lm_positions)
-        binary_logits = self.binary_head(self.bert.pooler(hidden.transpose(0, 1)))
+                next_sentence_label=None, sample_ids=None, only_masked_logits: bool = False, lm_positions=None,
+                target_positions=None):
+        """``target_positions [b, k]`` (distinct MLM target positions per sample, -1 = unused slot): the
+        last layer computes only [CLS] and those rows (heads.target_rows), the logits are theirs."""
+        rows = None if target_positions is None else target_rows(target_positions)
+        hidden, _ = self.bert.encode(input_ids, attention_mask, token_type_ids, sample_ids, rows=rows)
+        logits, lm_loss, lm_sum, lm_tokens, lm_labels = _mlm(self.lm_head, self.bert, hidden, labels,
+                                                             only_masked_logits, lm_positions, target_positions)
+        binary_logits = self.binary_head(self.bert.pooler(hidden.transpose(0, 1)))  # row 0: [CLS]
         binary_loss = None if next_sentence_label is None else F.cross_entropy(binary_logits, next_sentence_label.view(-1))
         parts = [x for x in (lm_loss, binary_loss) if x is not None]
         return ModelOutput(loss=sum(parts) if parts else None, prediction_logits=logits,
                            seq_relationship_logits=binary_logits, lm_loss=lm_loss, binary_loss=binary_loss,
-                           lm_loss_sum=lm_sum, lm_tokens=lm_tokens)
+                           lm_loss_sum=lm_sum, lm_tokens=lm_tokens, lm_labels=lm_labels)
 
 
 class MegatronBertForMaskedLM(_HeadModel):
@@ -128,10 +152,13 @@ class MegatronBertForMaskedLM(_HeadModel):
         self.lm_head = LMHead(cfg, ps, self.inits)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, sample_ids=None,
-                only_masked_logits: bool = False):
-        hidden, _ = self.bert.encode(input_ids, attention_mask, token_type_ids, sample_ids)
-        logits, loss, lm_sum, tokens = _mlm(self.lm_head, self.bert, hidden, labels, only_masked_logits)
-        return ModelOutput(loss=loss, prediction_logits=logits, lm_loss=loss, lm_loss_sum=lm_sum, lm_tokens=tokens)
+                only_masked_logits: bool = False, target_positions=None):
+        rows = None if target_positions is None else target_rows(target_positions)
+        hidden, _ = self.bert.encode(input_ids, attention_mask, token_type_ids, sample_ids, rows=rows)
+        logits, loss, lm_sum, tokens, lm_labels = _mlm(self.lm_head, self.bert, hidden, labels, only_masked_logits,
+                                                       target_positions=target_positions)
+        return ModelOutput(loss=loss, prediction_logits=logits, lm_loss=loss, lm_loss_sum=lm_sum, lm_tokens=tokens,
+                           lm_labels=lm_labels)
 
 
 class MegatronBertForCausalLM(_HeadModel):

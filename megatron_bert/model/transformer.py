@@ -17,6 +17,7 @@ from torch import nn
 
 from parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
 from parallel.init import InitMethod
+from parallel.mappings import copy_to_tp
 from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
@@ -73,6 +74,17 @@ def attention_core(q, k, v, mask, dctx: DropoutContext, p: float, site: int, hea
         with dctx.tracker.fork() if dctx.tracker is not None else contextlib.nullcontext():
             return _sdpa(q, k, v, mask, p)
     return _sdpa(q, k, v, mask)
+
+
+def row_index(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Positions ``rows [b, n]`` → indices into an ``[s, b, ...]`` tensor flattened over (s, b), slot
+    by slot: taking them gives ``[n, b, ...]``."""
+    return (rows.t() * batch + torch.arange(batch, device=rows.device)).reshape(-1)
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    # [s, b, h] → [n, b, h]
+    return x.reshape(-1, x.shape[-1]).index_select(0, index).view(-1, x.shape[1], x.shape[-1])
 
 
 def _site(dctx: DropoutContext, layer: int, which: int) -> int:
@@ -152,6 +164,30 @@ class SelfAttention(nn.Module):
             ctx = attention_core(*args)
         ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.cfg.head_dim)  # [s, b, h/tp]
         return self.dense(ctx)
+
+    def forward_rows(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None,
+                     dctx: DropoutContext) -> torch.Tensor:
+        """The output at the query rows ``index`` only (row_index of ``dctx.rows``), keys and values
+        from every row: x ``[s, b, h]`` → ``[n, b, h]``. Not under sequence parallel (the encoder
+        then runs the whole layer)."""
+        if mask is not None and mask.shape[2] != 1:
+            raise ValueError("a pruned attention layer takes a key-padding mask [b, 1, 1, s], not a per-query one")
+        s, b, _ = x.shape
+        nh, hd, proj = self.heads_local, self.cfg.head_dim, self.query_key_value
+        w, bias = proj.weight.view(nh, 3, hd, -1), proj.bias.view(nh, 3, hd)  # per head: q, k, v
+        x = copy_to_tp(x, self.ps.tp_group)  # backward: one all-reduce for both projections' input grads
+        kv = F.linear(x, w[:, 1:].reshape(nh * 2 * hd, -1), bias[:, 1:].reshape(-1))  # [s, b, nh · 2 · hd]
+        q = F.linear(take_rows(x, index), w[:, 0].reshape(nh * hd, -1), bias[:, 0].reshape(-1))  # [n, b, nh · hd]
+        n = q.shape[0]
+        k, v = kv.view(s, b, nh, 2, hd).permute(3, 1, 2, 0, 4).unbind(0)  # [b, nh, s, hd]
+        q = q.view(n, b, nh, hd).permute(1, 2, 0, 3)  # [b, nh, n, hd]
+        args = (q, k, v, mask, dctx, self.cfg.attention_dropout, _site(dctx, self.layer, 0),
+                self.ps.tp_rank * self.heads_local, self.cfg.num_attention_heads)
+        if self.rt.recompute == "selective":
+            ctx = checkpoint(attention_core, dctx.tracker, *args)
+        else:
+            ctx = attention_core(*args)
+        return self.dense(ctx.permute(2, 0, 1, 3).reshape(n, b, nh * hd))  # [n, b, h]
 
 
 class MLP(nn.Module):
@@ -249,6 +285,39 @@ class TransformerLayer(nn.Module):
         h, h_normed = self.attention_block_fused(x, x_normed, mask, dctx)
         return self.mlp_block_fused(h, h_normed, dctx, next_norm.weight, next_norm.bias, next_norm.eps)
 
+    # ---- the last layer pruned to the rows the losses read: dctx.rows [b, n] names their positions.
+    # Keys and values still come from every row; the queries, the output projection, the MLP and the
+    # LayerNorms run on n rows (at seq 512 the MLM targets and [CLS] are 78 of 512 rows per sample).
+    # The MLP halves repeat mlp_block's two lines as their own functions, so that a compiler caches
+    # their graph (n rows) apart from every other layer's (s rows), not as one dynamic-shape graph.
+    def attention_rows_block(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        index = row_index(dctx.rows, x.shape[1])
+        y = self.attention.forward_rows(self._norm(self.input_layernorm, x), index, mask, dctx)
+        return self._residual(y, self.attention.dense.bias, take_rows(x, index), dctx, _site(dctx, self.layer, 1))
+
+    def mlp_rows_block(self, x: torch.Tensor, dctx: DropoutContext) -> torch.Tensor:
+        y = self.mlp(self._norm(self.post_attention_layernorm, x))
+        return self._residual(y, self.mlp.dense_4h_to_h.bias, x, dctx, _site(dctx, self.layer, 2))
+
+    def forward_rows(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+        """``[s, b, h]`` → the layer's output ``[n, b, h]`` at the positions ``dctx.rows``."""
+        return self.mlp_rows_block(self.attention_rows_block(x, mask, dctx), dctx)
+
+    def attention_rows_fused(self, x, x_normed, mask, dctx: DropoutContext):
+        index = row_index(dctx.rows, x.shape[1])
+        y = self.attention.forward_rows(x_normed, index, mask, dctx)
+        n = self.post_attention_layernorm
+        return self._residual_norm(y, self.attention.dense.bias, take_rows(x, index), dctx, n.weight, n.bias, n.eps)
+
+    def mlp_rows_fused(self, x, x_normed, dctx: DropoutContext, norm_weight, norm_bias, eps: float):
+        y = self.mlp(x_normed)
+        return self._residual_norm(y, self.mlp.dense_4h_to_h.bias, x, dctx, norm_weight, norm_bias, eps)
+
+    def forward_rows_fused(self, x, x_normed, mask, dctx: DropoutContext, next_norm: nn.Module):
+        """forward_fused at the positions ``dctx.rows``: → ``(out, next_norm(out))``, each ``[n, b, h]``."""
+        h, h_normed = self.attention_rows_fused(x, x_normed, mask, dctx)
+        return self.mlp_rows_fused(h, h_normed, dctx, next_norm.weight, next_norm.bias, next_norm.eps)
+
     def compile_halves(self, mode: str | None = "default", backend: str = "inductor") -> None:
         """torch.compile the attention half and the MLP half as two graphs.
 
@@ -257,7 +326,8 @@ class TransformerLayer(nn.Module):
         in the backward from the attention output, the dropout mask and the layer input, and hands
         the fp32 result to the LayerNorm-backward kernel through a 64 MB buffer (bench/NOTES.md).
         """
-        for name in ("attention_block", "mlp_block", "attention_block_fused", "mlp_block_fused"):
+        for name in ("attention_block", "mlp_block", "attention_block_fused", "mlp_block_fused",
+                     "attention_rows_block", "mlp_rows_block", "attention_rows_fused", "mlp_rows_fused"):
             setattr(self, name, torch.compile(getattr(self, name), mode=mode, backend=backend))
 
 
@@ -268,20 +338,32 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(cfg, rt, ps, i, init, out_init) for i in range(cfg.num_layers))
         self.final_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, rt.sequence_parallel)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``[s, b, h]`` → ``[s, b, h]``; with ``rows [b, n]`` (positions) the last layer computes only
+        those rows: → ``[n, b, h]``. Not under sequence parallel (the caller takes the rows after)."""
+        if rows is not None and (self.rt.sequence_parallel or not self.layers):
+            raise ValueError("pruning the last layer needs at least one layer and no sequence parallelism")
         if self.layers and self.layers[0].residual_norm and not torch.is_autocast_enabled(x.device.type):
-            return self._forward_fused(x, mask, dctx)
-        for layer in self.layers:
+            return self._forward_fused(x, mask, dctx, rows)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            fn, layer_dctx = (layer.forward_rows, dctx.at_rows(rows)) if rows is not None and i == last else (layer, dctx)
             if self.rt.recompute == "full" and torch.is_grad_enabled():
-                x = checkpoint(layer, dctx.tracker, x, mask, dctx)
+                x = checkpoint(fn, dctx.tracker, x, mask, layer_dctx)
             else:
-                x = layer(x, mask, dctx)
+                x = fn(x, mask, layer_dctx)
         return self.final_layernorm(x)
 
-    def _forward_fused(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext,
+                       rows: torch.Tensor | None) -> torch.Tensor:
         """The same function, each residual epilogue fused with the LayerNorm that reads its result."""
         nexts = [layer.input_layernorm for layer in self.layers[1:]] + [self.final_layernorm]
         normed = self.layers[0]._norm(self.layers[0].input_layernorm, x)
-        for layer, next_norm in zip(self.layers, nexts):
-            x, normed = layer.forward_fused(x, normed, mask, dctx, next_norm)
+        last = len(self.layers) - 1
+        for i, (layer, next_norm) in enumerate(zip(self.layers, nexts)):
+            if rows is not None and i == last:
+                x, normed = layer.forward_rows_fused(x, normed, mask, dctx.at_rows(rows), next_norm)
+            else:
+                x, normed = layer.forward_fused(x, normed, mask, dctx, next_norm)
         return normed

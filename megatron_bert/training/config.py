@@ -116,6 +116,7 @@ class TrainSchema:
     compile: bool = False  # GPU: torch.compile each transformer layer (fuses the elementwise work)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     cuda_graph: bool = False  # GPU, pretraining: capture the whole training step as CUDA graphs and replay it
+    prune_last_layer: bool = True  # pretraining: the last layer computes only [CLS] and the MLM targets (same loss)
 
 
 @dataclass

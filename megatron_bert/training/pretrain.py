@@ -79,28 +79,40 @@ class PretrainTask:
     def build_model(self, model_cfg, rt, tracker):
         return MegatronBertForPreTraining(model_cfg, self.ps, rt, tracker=tracker)
 
-    def lm_capacity(self, batch: int, seq_len: int) -> int | None:
-        """On GPU, the fixed number of MLM target slots per micro-batch: the masking budget is at most
+    def lm_capacity(self, seq_len: int) -> int | None:
+        """On GPU, the fixed number of MLM target slots per sample: the masking budget is at most
         ceil(seq_len * masked_lm_prob) per sample (data/masking.py), so static shapes hold every batch."""
         if self.ps.device.type != "cuda":
             return None
-        return batch * min(seq_len, max(1, math.ceil(seq_len * self.cfg.data.masked_lm_prob)))
+        return min(seq_len, max(1, math.ceil(seq_len * self.cfg.data.masked_lm_prob)))
 
     def model_inputs(self, mb) -> dict:
         """A collated micro-batch → the model's keyword inputs, decided on the host so the device never
-        waits: no padding → no mask (flash attention on GPU); ``lm_positions`` = flat indices of the
-        MLM targets, on GPU padded to :meth:`lm_capacity` with an unlabelled position (the loss ignores
-        it), so that every step has the same shapes (CUDA graphs, no recompiles)."""
+        waits: no padding → no mask (flash attention on GPU); the MLM targets of each sample as
+        ``target_positions [b, k]`` (-1 = unused slot; the last layer then computes only [CLS] and the
+        targets: ``train.prune_last_layer``) or, unpruned, as ``lm_positions`` (flat indices, padded
+        with an unlabelled position). On GPU k is :meth:`lm_capacity` so that every step has the same
+        shapes (CUDA graphs, no recompiles); a sample with more targets widens that batch."""
         labels = mb["labels"]
-        flat = labels.reshape(-1)
-        positions = (flat != -100).nonzero().squeeze(1)
-        cap = self.lm_capacity(*labels.shape)
-        if cap is not None and positions.numel() < cap:
-            filler = (flat == -100).nonzero()[0]
-            positions = torch.cat([positions, filler.expand(cap - positions.numel())])
+        b, s = labels.shape
+        labelled = labels != -100
+        counts = labelled.sum(1)
+        cap = self.lm_capacity(s)
         x = {"input_ids": mb["input_ids"], "token_type_ids": mb["token_type_ids"], "labels": labels,
-             "sample_ids": mb["sample_id"], "lm_positions": positions,
+             "sample_ids": mb["sample_id"],
              "attention_mask": None if bool(mb["attention_mask"].all()) else mb["attention_mask"]}
+        if self.cfg.train.prune_last_layer:
+            k = max(1, int(counts.max()), cap or 0)
+            order = torch.where(labelled, 0, s) + torch.arange(s)  # targets first, in position order
+            picked = order.argsort(dim=1)[:, :k]
+            x["target_positions"] = picked.masked_fill(torch.arange(k) >= counts[:, None], -1)
+        else:
+            flat = labels.reshape(-1)
+            positions = labelled.reshape(-1).nonzero().squeeze(1)
+            if cap is not None and positions.numel() < b * cap:
+                filler = (flat == -100).nonzero()[0]
+                positions = torch.cat([positions, filler.expand(b * cap - positions.numel())])
+            x["lm_positions"] = positions
         if self.use_binary:
             x["next_sentence_label"] = mb["binary_label"]
         return x
@@ -152,8 +164,8 @@ class PretrainTask:
                     with autocast():
                         out = model(**x, only_masked_logits=True)
                     logits = gather_lm_logits(out.prediction_logits.float(), self.ps)
-                    target = x["labels"].reshape(-1).index_select(0, x["lm_positions"])
-                    labelled = target != -100  # (padding slots on GPU are not)
+                    target = out.lm_labels
+                    labelled = target != -100  # (padding slots are not)
                     sums[0] += out.lm_loss_sum.item()
                     sums[1] += labelled.sum().item()
                     sums[2] += ((logits.argmax(-1) == target) & labelled).sum().item()
