@@ -9,5 +9,7 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # and wall time
 run() {
   local t=$1 s=$SECONDS rc; shift; echo "### $*" >> "$LOG"
-  timeout "$t" "$@" >> "$LOG" 2>&1; rc=$?; echo "rc=$rc ($((SECONDS - s)) s)" >> "$LOG"
+  # -k: a KILL 15 s after the TERM (session 11: a pytest cut by TERM mid-test never exited, and the
+  # rest of the call was lost)
+  timeout -k 15 "$t" "$@" >> "$LOG" 2>&1; rc=$?; echo "rc=$rc ($((SECONDS - s)) s)" >> "$LOG"
 }

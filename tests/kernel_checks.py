@@ -212,9 +212,12 @@ def mask_statistics(rows: int, s: int, p: float, seed: int, device: str = "cpu")
     """Empty when ``drop_bits`` drops each position independently with probability p: overall rate
     within 5σ, per-position (column) rates within 5σ, per-row counts with the binomial variance (±15%),
     neighbours uncorrelated (lag-1 correlation within 5σ), a pure function of the seed, and another
-    salt an independent mask (2p(1-p) of the positions differ). Otherwise says what is wrong."""
+    salt an independent mask (2p(1-p) of the positions differ), the same mask when written over a
+    buffer of ones (the kernel zeroes the words it draws no drop in). Otherwise says what is wrong."""
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
     bits = attention_kernels.drop_bits(seed_t, rows, s, p, 0)
+    dirty = torch.full_like(bits, -1)
+    over_ones = attention_kernels.drop_bits(seed_t, rows, s, p, 0, out=dirty)
     drop = (~attention_kernels.keep_from_bits(bits, s)).double()
     n = drop.numel()
     rate, sd = drop.mean().item(), (p * (1 - p) / n) ** 0.5
@@ -231,6 +234,7 @@ def mask_statistics(rows: int, s: int, p: float, seed: int, device: str = "cpu")
               (abs(var / (s * p * (1 - p)) - 1) < 0.15, f"per-row count variance {var:.2f} vs {s * p * (1 - p):.2f}"),
               (abs(lag) < 5 * lag_sd, f"lag-1 correlation {lag:.4f}"),
               (torch.equal(bits, attention_kernels.drop_bits(seed_t, rows, s, p, 0)), "not a function of the seed"),
+              (over_ones is dirty and torch.equal(over_ones, bits), "words left over from the buffer's old contents"),
               (abs(differ - 2 * p * (1 - p)) < 5 * (2 * p * (1 - p) / n) ** 0.5, f"salt 1 differs at {differ:.4f}")]
     return "; ".join(msg for ok, msg in checks if not ok)
 

@@ -3,8 +3,9 @@ CUDA-graphed step against the eager one, fresh dropout per replay, the Triton Ge
 kernels, the fused QKV projection, our attention kernels and their dropout mask, the compiled
 cross-entropy, a graphed bf16 run with async checkpoints resumed mid-way, the Triton dropout
 keep-mask (alone) and residual epilogue (in a compiled layer), the residual epilogue + LayerNorm
-kernels and the encoder path on them, compiled graphed steps against eager ones (bf16 grads read in
-place), and a compiled run restarted on a warm Inductor cache. The flat AdamW's GPU tests are in
+kernels and the encoder path on them (its last layer pruned too), pruned-last-layer steps against
+full ones, compiled graphed steps against eager ones (bf16 grads read in place), and a compiled run
+restarted on a warm Inductor cache. The flat AdamW's GPU tests are in
 test_gpu_flat_adamw.py."""
 import json
 import subprocess

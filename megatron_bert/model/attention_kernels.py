@@ -101,14 +101,19 @@ if triton is not None:
                    WORDS: tl.constexpr):
         # Row r's dropped keys: pos_0 = G_0, pos_{i+1} = pos_i + 1 + G_{i+1}, G ~ Geometric(p) from
         # one Philox word each (counter: row, draw, salt). Positions rise, so each row builds one
-        # 32-bit word at a time and stores it when the next drop lands in a later word (the buffer
-        # starts zeroed: words without drops are never written). Word-major layout [WORDS, n_rows]:
-        # a warp's rows advance at about the same pace, so its stores land in a few lines.
+        # 32-bit word at a time and stores it when the next drop lands in a later word. Word-major
+        # layout [WORDS, n_rows]: a warp's rows advance at about the same pace, so its stores land in
+        # a few lines. Words without drops are never written there: each thread zeroes its row first
+        # (no zero-fill kernel before this one).
         seed = tl.load(seed_ptr)
         pos = tl.where(row_ok, -1, S_K)
         zero = tl.zeros(rows.shape, dtype=tl.int32)
         word, bits = zero, zero
         out = bits_ptr + rows
+        col = out
+        for _ in tl.static_range(WORDS):
+            tl.store(col, zero, mask=row_ok)
+            col += n_rows
         draw = zero
         while tl.min(pos, axis=0) < S_K:
             r0, r1, r2, r3 = tl.philox(seed, rows.to(tl.int32), draw, zero + salt, zero)
@@ -312,13 +317,15 @@ def _words(s_k: int) -> int:
     return -(-s_k // 32)
 
 
-def drop_bits(seed: torch.Tensor, rows: int, s_k: int, p: float, salt: int) -> torch.Tensor:
+def drop_bits(seed: torch.Tensor, rows: int, s_k: int, p: float, salt: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """The dropout bit mask ``[⌈s_k/32⌉, rows]`` (int32, word-major; bit j of word w of a row set = key
-    32w + j dropped)."""
-    bits = torch.zeros(_words(s_k), rows, dtype=torch.int32, device=seed.device)
-    if p > 0.0 and rows:
-        grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
-        _drop_bits_kernel[grid](seed, bits, rows, math.log(2.0) / math.log1p(-p), salt, S_K=s_k, WORDS=_words(s_k))
+    32w + j dropped), written into ``out`` if given (its contents do not matter)."""
+    if p <= 0.0 or not rows:
+        return torch.zeros(_words(s_k), rows, dtype=torch.int32, device=seed.device)
+    bits = torch.empty(_words(s_k), rows, dtype=torch.int32, device=seed.device) if out is None else out
+    grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
+    _drop_bits_kernel[grid](seed, bits, rows, math.log(2.0) / math.log1p(-p), salt, S_K=s_k, WORDS=_words(s_k))
     return bits
 
 
