@@ -132,3 +132,25 @@ def test_lr_schedule_fills_a_device_tensor_lr_in_place():
     sched = LRSchedule(1e-3, total_steps=10, warmup_steps=2)
     assert sched.apply(opt, 0) == pytest.approx(5e-4)
     assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(5e-4)
+
+
+def test_trainer_steps_are_the_same_with_the_last_layer_pruned(tmp_path):
+    """Through the trainer (host-side inputs, forward/backward over micro-batches, AdamW): the last layer
+    pruned to [CLS] + the MLM targets gives the losses of the full last layer, keyed dropout on (CPU)."""
+    from gpu_steps import run_steps, small_config
+
+    def run(prune: bool):
+        cfg = small_config(3, global_batch_size=4, micro_batch_size=2, device="cpu", precision="fp32",
+                           prune_last_layer=prune)
+        cfg.run_dir = str(tmp_path / f"prune_{prune}")
+        cfg.model.update(num_layers=2, hidden_size=64, num_attention_heads=4)
+        cfg.data.update(seq_length=32)
+        losses, trainer = run_steps(cfg, ParallelState.single(), 3)
+        inputs = next(trainer.task.train_batches(0))[0]
+        assert ("target_positions" in inputs) == prune and ("lm_positions" in inputs) != prune
+        return losses
+
+    full, pruned = run(False), run(True)
+    assert abs(pruned[0] - full[0]) <= 1e-6 * full[0], (full, pruned)  # the same weights: rounding only
+    for a, b in zip(full, pruned):  # later steps: AdamW after grads a few ulps apart
+        assert abs(a - b) <= 1e-5 * a, (full, pruned)
