@@ -5,6 +5,7 @@ import torch
 
 from megatron_bert.config import ModelConfig, ModelRuntime
 from megatron_bert.model import MegatronBertForPreTraining, gather_lm_logits
+from megatron_bert.model.heads import target_positions_of
 from parallel import ParallelState, allreduce_sequence_parallel_grads
 from parallel.init import is_tp_sharded, shard_of
 
@@ -101,12 +102,7 @@ def check_native_recompute(ps: ParallelState):
 
 def target_positions(labels: torch.Tensor, spare: int = 2) -> torch.Tensor:
     """Each sample's labelled positions in order, then ``spare`` or more unused slots (-1)."""
-    b, s = labels.shape
-    labelled = labels != -100
-    counts = labelled.sum(1)
-    k = int(counts.max()) + spare
-    order = torch.where(labelled, 0, s) + torch.arange(s)
-    return order.argsort(1)[:, :k].masked_fill(torch.arange(k) >= counts[:, None], -1)
+    return target_positions_of(labels, int((labels != -100).sum(1).max()) + spare)
 
 
 def check_pruned_last_layer(ps: ParallelState):

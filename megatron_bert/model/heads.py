@@ -60,6 +60,16 @@ class LMHead(nn.Module):
         return column_parallel_linear(x, word_embeddings, self.bias, self.ps.tp_group)
 
 
+def target_positions_of(labels: torch.Tensor, slots: int) -> torch.Tensor:
+    """``labels [b, s]`` → each sample's labelled positions in order, then -1 up to ``slots`` (at least
+    the most targets of a sample, at most s): the ``target_positions`` of the pretraining heads."""
+    s = labels.shape[1]
+    labelled = labels != -100
+    order = torch.where(labelled, 0, s) + torch.arange(s, device=labels.device)  # targets first
+    picked = order.argsort(dim=1)[:, :slots]
+    return picked.masked_fill(torch.arange(slots, device=labels.device) >= labelled.sum(1, keepdim=True), -1)
+
+
 def target_rows(target_positions: torch.Tensor) -> torch.Tensor:
     """MLM target positions ``[b, k]`` (-1 = unused slot) → the rows the encoder must compute for
     pretraining, ``[b, 1 + k]``: [CLS] (position 0, the binary head's input) first, then the targets

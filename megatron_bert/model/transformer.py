@@ -148,22 +148,25 @@ class SelfAttention(nn.Module):
         if self._flash_ok(x, mask):
             return self._flash_forward(x, mask, dctx)
         if self.fused_qkv and not torch.is_autocast_enabled(x.device.type):
-            s, b, _ = x.shape
             qkv = self.query_key_value
             q, k, v = qkv_kernels.project_qkv(x, qkv.weight, qkv.bias, self.heads_local, self.cfg.head_dim)
         else:
             mixed = self.query_key_value(x)  # [s, b, heads_local * 3 * hd] (full sequence under SP)
             s, b, _ = mixed.shape
             q, k, v = mixed.view(s, b, self.heads_local, 3, self.cfg.head_dim).permute(3, 1, 2, 0, 4).unbind(0)
-        # q, k, v: [b, heads_local, s, hd]
+        return self._attend_and_project(q, k, v, mask, dctx)  # q, k, v: [b, heads_local, s, hd]
+
+    def _attend_and_project(self, q, k, v, mask, dctx: DropoutContext) -> torch.Tensor:
+        """attention_core (recomputed under ``recompute=selective``) on ``q [b, heads_local, n, hd]``
+        against ``k, v [b, heads_local, s, hd]``, then the output projection: → ``[n, b, h]``."""
         args = (q, k, v, mask, dctx, self.cfg.attention_dropout, _site(dctx, self.layer, 0),
                 self.ps.tp_rank * self.heads_local, self.cfg.num_attention_heads)
         if self.rt.recompute == "selective":
             ctx = checkpoint(attention_core, dctx.tracker, *args)
         else:
             ctx = attention_core(*args)
-        ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.cfg.head_dim)  # [s, b, h/tp]
-        return self.dense(ctx)
+        b, nh, n, hd = ctx.shape
+        return self.dense(ctx.permute(2, 0, 1, 3).reshape(n, b, nh * hd))  # ctx as [n, b, h/tp]
 
     def forward_rows(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None,
                      dctx: DropoutContext) -> torch.Tensor:
@@ -181,13 +184,7 @@ class SelfAttention(nn.Module):
         n = q.shape[0]
         k, v = kv.view(s, b, nh, 2, hd).permute(3, 1, 2, 0, 4).unbind(0)  # [b, nh, s, hd]
         q = q.view(n, b, nh, hd).permute(1, 2, 0, 3)  # [b, nh, n, hd]
-        args = (q, k, v, mask, dctx, self.cfg.attention_dropout, _site(dctx, self.layer, 0),
-                self.ps.tp_rank * self.heads_local, self.cfg.num_attention_heads)
-        if self.rt.recompute == "selective":
-            ctx = checkpoint(attention_core, dctx.tracker, *args)
-        else:
-            ctx = attention_core(*args)
-        return self.dense(ctx.permute(2, 0, 1, 3).reshape(n, b, nh * hd))  # [n, b, h]
+        return self._attend_and_project(q, k, v, mask, dctx)  # [n, b, h]
 
 
 class MLP(nn.Module):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from parallel import ParallelState
 
 from ..model import MegatronBertForPreTraining, gather_lm_logits
+from ..model.heads import target_positions_of
 
 
 def _dp_sum(values: list[float], ps: ParallelState, device) -> list[float]:
@@ -96,16 +97,13 @@ class PretrainTask:
         labels = mb["labels"]
         b, s = labels.shape
         labelled = labels != -100
-        counts = labelled.sum(1)
         cap = self.lm_capacity(s)
         x = {"input_ids": mb["input_ids"], "token_type_ids": mb["token_type_ids"], "labels": labels,
              "sample_ids": mb["sample_id"],
              "attention_mask": None if bool(mb["attention_mask"].all()) else mb["attention_mask"]}
         if self.cfg.train.prune_last_layer:
-            k = max(1, int(counts.max()), cap or 0)
-            order = torch.where(labelled, 0, s) + torch.arange(s)  # targets first, in position order
-            picked = order.argsort(dim=1)[:, :k]
-            x["target_positions"] = picked.masked_fill(torch.arange(k) >= counts[:, None], -1)
+            k = max(1, int(labelled.sum(1).max()), cap or 0)
+            x["target_positions"] = target_positions_of(labels, k)
         else:
             flat = labels.reshape(-1)
             positions = labelled.reshape(-1).nonzero().squeeze(1)
