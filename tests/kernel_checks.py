@@ -208,6 +208,29 @@ def check_attention(s: int, b: int, heads: int, hd: int, p: float, masked: bool,
           f"within {max(errs.values()):.1e} of float64 (same dropout mask)")
 
 
+def errors_over_dirty_partials(s: int, b: int, heads: int, hd: int, p: float, masked: bool, seed: int,
+                               device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """``attention_errors`` with the bias-grad partial sums allocated full of NaNs and the dk/dv kernel
+    on 128-key blocks (two partial rows each, the second written as zeros), the dq kernel on 64-query
+    blocks: the backward must write every row whatever its tiles (no zero-fill before it)."""
+    dkdv, alloc = attention_kernels._bwd_dkdv_kernel, attention_kernels.bias_partials
+    wide = [c for c in attention_kernels._bwd_configs() if c.kwargs["BLOCK_N"] > attention_kernels.PARTIAL_ROWS]
+    configs, dkdv.configs, dkdv.cache = dkdv.configs, wide[:1], {}
+    attention_kernels.bias_partials = lambda *args: alloc(*args).fill_(float("nan"))
+    try:
+        return attention_errors(s, b, heads, hd, p, masked, seed, device, dtype)
+    finally:
+        dkdv.configs, dkdv.cache, attention_kernels.bias_partials = configs, {}, alloc
+
+
+def check_attention_partials(seed: int) -> None:
+    errs = errors_over_dirty_partials(80, 3, 2, 16, 0.3, True, seed)
+    if not errs["dbias"] <= 1e-5:  # NaN fails too
+        raise SystemExit(f"FAIL attention bias grad on a buffer of NaNs, 128-key blocks: {errs}")
+    print(f"OK interpret attention bias grad with 128-key dk/dv blocks over a buffer of NaNs: within "
+          f"{errs['dbias']:.1e} of float64")
+
+
 def mask_statistics(rows: int, s: int, p: float, seed: int, device: str = "cpu") -> str:
     """Empty when ``drop_bits`` drops each position independently with probability p: overall rate
     within 5σ, per-position (column) rates within 5σ, per-row counts with the binomial variance (±15%),
@@ -380,6 +403,55 @@ def check_encoder_fused(layers: int, seed: int) -> None:
           f"per sample): output and {len(names) - 1} grads within 1e-5 of the plain path")
 
 
+def check_encoder_seeds(layers: int, seed: int) -> None:
+    """With dropout on, the fused encoder draws its layers' mask seeds in one ``[layers, 3]`` draw and
+    site j of layer i (0 attention probabilities, 1 and 2 the residual epilogues) masks with seeds[i, j]:
+    its output is bitwise that of the same layers drawing a seed per site, when those draws return the
+    same numbers in that order. Our attention kernels are on (fp32 let through for the interpreter)."""
+    from megatron_bert.config import ModelConfig, ModelRuntime
+    from megatron_bert.model import dropout as dropout_mod
+    from megatron_bert.model.dropout import DropoutContext
+    from megatron_bert.model.transformer import TransformerEncoder
+    from parallel import ParallelState
+    from parallel.init import normal_init
+
+    supports, attention_kernels.supports = attention_kernels.supports, lambda *args: True
+    draw = dropout_mod.draw_seed
+    try:
+        torch.manual_seed(seed)
+        cfg = ModelConfig(num_layers=layers, hidden_size=64, num_attention_heads=2, vocab_size=128,
+                          hidden_dropout=0.3, attention_dropout=0.3)
+        enc = TransformerEncoder(cfg, ModelRuntime(dropout_impl="native", fuse_elementwise=True),
+                                 ParallelState.single("cpu"), normal_init(0.02), normal_init(0.02))
+        for layer in enc.layers:  # the GPU path (set at construction where Triton has a GPU)
+            layer.residual_norm = layer.attention.flash = True
+        dctx = DropoutContext(training=True, impl="native", seed=0, sample_ids=None, seq_len=12, seq_offset=0)
+        x = torch.randn(12, 3, 64)
+        mask = torch.ones(3, 1, 1, 12, dtype=torch.bool)
+        mask[1, ..., 9:] = False
+        torch.manual_seed(seed + 1)
+        seeds = torch.randint(0, 1 << 62, (layers, 3), dtype=torch.int64)
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            out = enc(x, mask, dctx)
+            queue = list(seeds.flatten().split(1))
+            dropout_mod.draw_seed = lambda device: queue.pop(0)
+            h, normed = x, enc.layers[0]._norm(enc.layers[0].input_layernorm, x)
+            nexts = [layer.input_layernorm for layer in enc.layers[1:]] + [enc.final_layernorm]
+            for layer, next_norm in zip(enc.layers, nexts):
+                h, normed = layer.forward_fused(h, normed, mask, dctx, next_norm)
+            other = enc(x, mask, dctx)  # a new draw: other masks
+    finally:
+        attention_kernels.supports, dropout_mod.draw_seed = supports, draw
+    if queue or not torch.equal(out, normed):
+        raise SystemExit(f"FAIL encoder seeds: {len(queue)} per-site seeds unused, or the outputs differ "
+                         f"by {(out - normed).abs().max().item():.3g}")
+    if torch.equal(out, other):
+        raise SystemExit("FAIL encoder seeds: a second forward drew the same masks")
+    print(f"OK interpret encoder seeds ({layers} layers, dropout on, our attention kernels): one [layers, 3] "
+          f"draw per forward, site j of layer i masked with seeds[i, j]")
+
+
 def check_attention_tp() -> None:
     """The attention layer on our kernels at TP=2, ± sequence parallel (2 gloo ranks: tests/model_checks.py)."""
     import model_checks
@@ -416,8 +488,10 @@ def interpret() -> None:
     check_residual_norm((7, 2, 96), 0.0, 0, 11, False)    # a row narrower than its tile, nothing dropped
     check_residual_norm((16, 4, 128), 0.5, 3, 12, False)  # salted, no grad of h (the last layer's epilogue)
     check_encoder_fused(2, 13)
+    check_encoder_seeds(2, 19)
     check_attention(64, 2, 2, 16, 0.0, False, 14)
     check_attention(80, 3, 2, 16, 0.3, True, 15)   # a ragged last block, padding keys, a one-token sample
+    check_attention_partials(18)
     check_attention_mask(2048, 512, 0.1, 16)
     check_attention_mask(2048, 96, 0.5, 17)        # a row of three words
     check_attention_tp()
@@ -466,6 +540,7 @@ def compile_sm90() -> None:
             build(attention_kernels._fwd_kernel.fn, at, {**c, **cfg.kwargs}, cfg.num_warps)
         for cfg in attention_kernels._bwd_configs()[:1]:
             build(attention_kernels._bwd_dq_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
+        for cfg in attention_kernels._bwd_configs()[::2]:  # 64- and 128-key blocks
             build(attention_kernels._bwd_dkdv_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
 
 

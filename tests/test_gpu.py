@@ -389,8 +389,9 @@ def test_triton_attention_is_as_accurate_as_cudnn_and_its_mask_is_bernoulli():
     dropout mask: the packed qkv grad and context, and through the projection the grads of x, W and
     the folded bias, no further from float64 than torch's SDPA (cuDNN) is on the same inputs without
     dropout (x 1.25; x 1.5 with dropout, which SDPA's mask cannot be made to match), padded keys too; the mask drawn on the GPU passes the interpreter's statistics
-    at 2^20 rows; inside a compiled layer, dropout off, the kernels give the cuDNN path's output and
-    grads to bf16 precision."""
+    at 2^20 rows; the bias grad as right over a partial-sum buffer of NaNs with 128-key dk/dv blocks
+    (the kernels write every partial row); inside a compiled layer, dropout off, the kernels give the
+    cuDNN path's output and grads to bf16 precision."""
     import kernel_checks
     from megatron_bert.config import ModelConfig, ModelRuntime
     from megatron_bert.model import attention_kernels
@@ -409,6 +410,10 @@ def test_triton_attention_is_as_accurate_as_cudnn_and_its_mask_is_bernoulli():
             assert all(ours[k] <= factor * bar[k] + 2e-4 for k in bar), (p, masked, ours, bar)
     wrong = kernel_checks.mask_statistics(1 << 20, 512, 0.1, 5, "cuda")
     assert not wrong, wrong
+    # the bias grad over a partial-sum buffer of NaNs, the dk/dv kernel on 128-key blocks
+    dirty = kernel_checks.errors_over_dirty_partials(s, b, heads, hd, 0.1, False, 3, "cuda", torch.bfloat16)
+    bar = kernel_checks.sdpa_errors(s, b, heads, hd, False, 3, "cuda", torch.bfloat16)
+    assert dirty["dbias"] <= 1.5 * bar["dbias"] + 2e-4, (dirty, bar)
     rel = lambda a, r: ((a.double() - r).norm() / r.norm()).item()  # noqa: E731
 
     torch.manual_seed(0)

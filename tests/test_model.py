@@ -195,3 +195,35 @@ def test_clear_errors():
     _one_line(e)
     with pytest.raises(ModelConfigError, match="token type id 2 is outside"):
         model(ids, mask, types + 2)
+
+
+def test_embeddings_slice_positions_and_take_token_type_grads_from_a_gemm():
+    """The position rows are a slice of their table, the token-type grads a one-hot GEMM: the sum is
+    bitwise the three lookups' (bf16), the grads of the tables those of the lookups (fp32, to rounding:
+    other summation orders), and a token type outside the table still fails."""
+    import torch.nn.functional as F
+
+    from megatron_bert.model.bert import Embeddings
+    from megatron_bert.model.dropout import DropoutContext
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=100, max_position_embeddings=16)
+    dctx = DropoutContext(training=False, impl="native", seed=0, sample_ids=None, seq_len=12, seq_offset=0)
+    ids = torch.randint(0, 100, (3, 12))
+    types = (torch.rand(3, 12) < 0.4).long()
+    for dtype in (torch.bfloat16, torch.float32):
+        emb = Embeddings(cfg, ModelRuntime(), single(), lambda w: torch.nn.init.normal_(w, std=1.0)).to(dtype)
+        tables = [emb.word_embeddings.weight, emb.position_embeddings.weight, emb.token_type_embeddings.weight]
+        lookups = (F.embedding(ids.t(), tables[0]) + F.embedding(torch.arange(12), tables[1]).unsqueeze(1)
+                   + F.embedding(types.t(), tables[2]))
+        out = emb(ids, types, dctx)
+        assert torch.equal(out, lookups)
+        if dtype == torch.float32:
+            dout = torch.randn_like(out)
+            ref = torch.autograd.grad(lookups, tables, dout)
+            got = torch.autograd.grad(out, tables, dout)
+            for r, g in zip(ref, got):
+                torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+            assert got[2].abs().sum() > 0 and got[1][12:].abs().sum() == 0  # rows past the sequence get none
+    with pytest.raises(IndexError):
+        emb(ids, types + 1, dctx)

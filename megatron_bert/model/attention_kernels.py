@@ -60,28 +60,45 @@ def _fwd_configs():
 
 
 def _bwd_configs():
+    # Blocks are multiples of PARTIAL_ROWS (the bias-grad partial sums' row granularity).
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
             for m, n, w, st in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2))]
 
 
-def _zero_bias_partials(group: slice):
-    """Autotune hook for a backward kernel: zero its columns (q, or k and v) of the bias-grad partial
-    sums before each candidate and before the chosen one runs. A candidate with smaller blocks writes
-    more partial rows than the chosen one, whose column sum would otherwise count them too; the other
-    kernel's columns are left alone (one buffer for both)."""
-    def hook(kwargs, reset_only=False):
-        if kwargs["BIAS_GRAD"]:
-            db = kwargs["db_ptr"]
-            db.view(db.shape[0], kwargs["heads"], 3, kwargs["HEAD_DIM"])[:, :, group].zero_()
-    return hook
+# The bias-grad partial sums of the backward kernels have one row per (PARTIAL_ROWS positions,
+# sample); each block writes all of its rows (the sum in the first, zeros in the rest), so the buffer
+# needs no zero-fill and an autotune candidate with other blocks leaves nothing behind.
+PARTIAL_ROWS = 64
+
+
+def bias_partials(s: int, b: int, width: int, device: torch.device) -> torch.Tensor:
+    """The backward's bias-grad partial-sum buffer (uninitialised: every row gets written)."""
+    return torch.empty(-(-s // PARTIAL_ROWS) * b, width, dtype=torch.float32, device=device)
 
 
 if triton is not None:
     _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    _PARTIAL_ROWS = tl.constexpr(PARTIAL_ROWS)
 
-    def _tuned(configs, key, pre_hook=None):
+    def _tuned(configs, key):
         # The interpreter cannot time candidates: it takes the first.
-        return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key, pre_hook=pre_hook)
+        return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
+
+    @triton.jit
+    def _store_bias_partials(db_ptr, block, batch, b, heads, h, d, sums, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+                             S: tl.constexpr, HEAD_DIM: tl.constexpr):
+        # Block `block` (BLOCK positions) of sample b, head h: its column sums of q, k or v (GROUP 0, 1,
+        # 2) into the first of its BLOCK / PARTIAL_ROWS rows of the partial sums, zeros into the others.
+        SUB: tl.constexpr = BLOCK // _PARTIAL_ROWS
+        n_rows = (S + _PARTIAL_ROWS - 1) // _PARTIAL_ROWS
+        col = h * 3 * HEAD_DIM + GROUP * HEAD_DIM + d
+        for j in tl.static_range(SUB):
+            r = block * SUB + j
+            ptr = db_ptr + (r * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + col
+            if j == 0:
+                tl.store(ptr, sums, mask=(d >= 0) & (r < n_rows))
+            else:
+                tl.store(ptr, tl.zeros_like(sums), mask=(d >= 0) & (r < n_rows))
 
     @triton.jit
     def _drop_step(rand, pos, word, bits, out, n_rows, inv_log_keep, S_K: tl.constexpr):
@@ -211,7 +228,7 @@ if triton is not None:
 
     _BWD_KEY = ["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch", "heads"]
 
-    @_tuned(_bwd_configs(), key=_BWD_KEY, pre_hook=_zero_bias_partials(slice(0, 1)))
+    @_tuned(_bwd_configs(), key=_BWD_KEY)
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, bits_ptr, kv_ptr, db_ptr,
                        s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
@@ -252,10 +269,9 @@ if triton is not None:
         dq = dq * sm_scale
         tl.store(dq_ptr + base + rows[:, None] * s_s + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
         if BIAS_GRAD:  # this block's rows of the q columns' bias grad (rows past S_Q hold zeros)
-            db = db_ptr + (pid_m * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + h * 3 * HEAD_DIM + d
-            tl.store(db, tl.sum(dq, axis=0))
+            _store_bias_partials(db_ptr, pid_m, batch, b, heads, h, d, tl.sum(dq, axis=0), 0, BLOCK_M, S_Q, HEAD_DIM)
 
-    @_tuned(_bwd_configs(), key=_BWD_KEY, pre_hook=_zero_bias_partials(slice(1, 3)))
+    @_tuned(_bwd_configs(), key=_BWD_KEY)
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, bits_ptr, kv_ptr, db_ptr,
                          s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
@@ -300,9 +316,8 @@ if triton is not None:
         tl.store(dk_ptr + base + cols[:, None] * s_s + d[None, :], dk.to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptr + base + cols[:, None] * s_s + d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
         if BIAS_GRAD:
-            db = db_ptr + (pid_n * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + h * 3 * HEAD_DIM + d
-            tl.store(db + HEAD_DIM, tl.sum(dk, axis=0))
-            tl.store(db + 2 * HEAD_DIM, tl.sum(dv, axis=0))
+            _store_bias_partials(db_ptr, pid_n, batch, b, heads, h, d, tl.sum(dk, axis=0), 1, BLOCK_N, S_K, HEAD_DIM)
+            _store_bias_partials(db_ptr, pid_n, batch, b, heads, h, d, tl.sum(dv, axis=0), 2, BLOCK_N, S_K, HEAD_DIM)
 
 
 def _check(qkv: torch.Tensor, heads: int, head_dim: int, key_valid: torch.Tensor | None, p: float) -> None:
@@ -386,9 +401,7 @@ def flash_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.T
     dq, dk, dv = _views(dqkv, heads, head_dim)
     delta = torch.empty_like(lse)
     kv = key_valid if key_valid is not None else lse
-    # Per-block partial sums of the bias grad: one row per (block, sample); blocks of at least 32 rows.
-    partial = (torch.zeros(triton.cdiv(s, 32) * b, qkv.shape[-1], dtype=torch.float32, device=qkv.device)
-               if bias_grad else lse)
+    partial = bias_partials(s, b, qkv.shape[-1], qkv.device) if bias_grad else lse
     args = (q.stride(0), q.stride(1), q.stride(2), out4.stride(0), out4.stride(1), out4.stride(2), heads, b,
             b * heads * s, math.log2(math.e) / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim), 1.0 / (1.0 - p))
     consts = dict(_consts(s, head_dim, p, key_valid), BIAS_GRAD=bias_grad)

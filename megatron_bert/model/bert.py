@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from parallel import ParallelState, VocabParallelEmbedding
@@ -74,15 +75,40 @@ class Embeddings(nn.Module):
         else:
             word = reduce_from_tp(word, self.ps.tp_group)
         s_local, off = word.shape[0], dctx.seq_offset
-        positions = torch.arange(off, off + s_local, device=input_ids.device)
-        types = token_type_ids.t()[off:off + s_local]
-        x = word + self.position_embeddings(positions).unsqueeze(1) + self.token_type_embeddings(types)
+        # The positions are a slice of their table (values as the lookup's; the backward a sum over
+        # the batch, not a sort of the b·s ids and segment sums)
+        positions = self.position_embeddings.weight[off:off + s_local].unsqueeze(1)  # [s, 1, h]
+        x = word + positions + self._token_types(token_type_ids.t()[off:off + s_local])
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             # Keep the residual stream in the low-precision dtype (as Megatron does): half the
             # activation memory of an fp32 stream; master weights stay fp32.
             x = x.to(torch.get_autocast_dtype(dev))
         return dctx.hidden(x, self.cfg.hidden_dropout, SITE_EMBEDDINGS)
+
+    def _token_types(self, types: torch.Tensor) -> torch.Tensor:
+        """``[s, b]`` ids → ``[s, b, h]`` rows of the token-type table (a lookup, bounds-checked as
+        usual; its backward the deterministic one-hot GEMM of _SmallTableLookup)."""
+        return _SmallTableLookup.apply(types, self.token_type_embeddings.weight)
+
+
+class _SmallTableLookup(torch.autograd.Function):
+    """``table[ids]`` for a table of a few rows (token types): the backward is ``onehot(ids)ᵀ · grad``,
+    one GEMM with a fixed summation order, where torch's embedding backward takes, for such a table,
+    an atomic-add path (float atomics in whatever order they land: grads that differ run to run)."""
+
+    @staticmethod
+    def forward(ctx, ids, table):
+        ctx.save_for_backward(ids)
+        ctx.rows = table.shape[0]
+        return F.embedding(ids, table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # [n, h]
+        onehot = ids.reshape(-1, 1) == torch.arange(ctx.rows, device=ids.device)  # [n, rows], no host sync
+        return None, onehot.to(g.dtype).t() @ g  # [rows, h]
 
 
 class Pooler(nn.Module):

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from parallel.random import RNGTracker, dropout_keys, keyed_dropout, slice_index
 
+from .dropout_kernels import draw_seed
+
 # Site numbering: embeddings 0, then 3 sites per layer, heads far above.
 SITE_EMBEDDINGS = 0
 SITE_HEAD = 1_000_000
@@ -38,9 +40,23 @@ class DropoutContext:
     # [b, n] positions of the rows a pruned layer computes (TransformerLayer.forward_rows): keyed
     # masks are then indexed by those positions, so the kept rows get the masks of the full layer.
     rows: torch.Tensor | None = None
+    # [3] int64 on the device: one layer's seeds for the GPU kernels that draw their own masks
+    # (0 attention probabilities, 1 attention output, 2 MLP output). The fused encoder draws every
+    # layer's at once (one launch per forward, not one per site and compiled half); None: each site
+    # draws its own.
+    seeds: torch.Tensor | None = None
 
     def at_rows(self, rows: torch.Tensor) -> "DropoutContext":
         return dataclasses.replace(self, rows=rows)
+
+    def with_seeds(self, seeds: torch.Tensor) -> "DropoutContext":
+        return dataclasses.replace(self, seeds=seeds)
+
+    def kernel_seed(self, which: int, device: torch.device) -> torch.Tensor:
+        """Site ``which``'s seed for a mask-drawing kernel: one int64 on the device."""
+        if self.seeds is not None:
+            return self.seeds[which:which + 1]
+        return draw_seed(device)
 
     def active(self, p: float) -> bool:
         return self.training and p > 0.0

@@ -146,6 +146,7 @@ def _(seed, numel, p, salt):
     return torch.empty(numel, dtype=torch.bool, device=seed.device)
 
 
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A fresh 62-bit seed from torch's generator for ``device``, kept on the device (no host sync)."""
-    return torch.randint(0, 1 << 62, (1,), device=device, dtype=torch.int64)
+def draw_seed(device: torch.device, *shape: int) -> torch.Tensor:
+    """A fresh 62-bit seed (or a tensor of ``shape`` of them) from torch's generator for ``device``,
+    kept on the device (no host sync)."""
+    return torch.randint(0, 1 << 62, shape or (1,), device=device, dtype=torch.int64)

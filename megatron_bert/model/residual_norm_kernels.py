@@ -273,9 +273,13 @@ residual_norm_with_stats.register_autograd(_backward, setup_context=_setup_conte
 
 
 def residual_norm(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, p: float, salt: int,
-                  norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, LayerNorm(h))`` for ``h = residual + dropout_p(y + bias)`` (a fresh mask per call when p > 0),
-    the LayerNorm affine over the last dim."""
-    seed = draw_seed(y.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=y.device)
+                  norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                  seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, LayerNorm(h))`` for ``h = residual + dropout_p(y + bias)``, the LayerNorm affine over the
+    last dim; the mask from ``seed`` (one int64 on the device), freshly drawn when not given."""
+    if p <= 0:
+        seed = torch.zeros(1, dtype=torch.int64, device=y.device)
+    elif seed is None:
+        seed = draw_seed(y.device)
     h, normed, _, _, _ = residual_norm_with_stats(y, bias, residual, seed, p, salt, norm_weight, norm_bias, eps)
     return h, normed

@@ -133,7 +133,7 @@ class SelfAttention(nn.Module):
         # Every TP rank draws the same seed (the default generator is kept equal across them) and
         # salts its heads' masks with its rank: masks differ per rank as with the model-parallel
         # generator, without swapping generator states (which torch.compile breaks a graph at).
-        seed = dropout_kernels.draw_seed(x.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+        seed = dctx.kernel_seed(0, x.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
         hd, qkv = self.cfg.head_dim, self.query_key_value
         if self.ps.tp_size == 1:  # the bias grad folded into the attention backward
             ctx = attention_kernels.projected_attention(x, qkv.weight, qkv.bias, key_valid, seed, self.heads_local,
@@ -261,19 +261,23 @@ class TransformerLayer(nn.Module):
         return self.mlp_block(self.attention_block(x, mask, dctx), dctx)
 
     # ---- the fused path: every half takes its LayerNorm'd input and returns (h, next LayerNorm of h)
-    def _residual_norm(self, y, bias, residual, dctx: DropoutContext, norm_weight, norm_bias, eps: float):
+    def _residual_norm(self, y, bias, residual, dctx: DropoutContext, norm_weight, norm_bias, eps: float,
+                       which: int):
+        # which: the dropout site, 1 after the attention, 2 after the MLP (DropoutContext.kernel_seed)
         p = self.cfg.hidden_dropout if dctx.active(self.cfg.hidden_dropout) else 0.0
-        return residual_norm_kernels.residual_norm(y, bias, residual, p, self.mask_salt, norm_weight, norm_bias, eps)
+        seed = dctx.kernel_seed(which, y.device) if p > 0.0 else None
+        return residual_norm_kernels.residual_norm(y, bias, residual, p, self.mask_salt, norm_weight, norm_bias, eps,
+                                                   seed)
 
     def attention_block_fused(self, x, x_normed, mask, dctx: DropoutContext):
         y = self.attention(x_normed, mask, dctx)
         n = self.post_attention_layernorm
-        return self._residual_norm(y, self.attention.dense.bias, x, dctx, n.weight, n.bias, n.eps)
+        return self._residual_norm(y, self.attention.dense.bias, x, dctx, n.weight, n.bias, n.eps, 1)
 
     def mlp_block_fused(self, x, x_normed, dctx: DropoutContext, norm_weight, norm_bias, eps: float):
         # the next LayerNorm's tensors come as arguments (not the module): one graph serves every layer
         y = self.mlp(x_normed)
-        return self._residual_norm(y, self.mlp.dense_4h_to_h.bias, x, dctx, norm_weight, norm_bias, eps)
+        return self._residual_norm(y, self.mlp.dense_4h_to_h.bias, x, dctx, norm_weight, norm_bias, eps, 2)
 
     def forward_fused(self, x: torch.Tensor, x_normed: torch.Tensor, mask: torch.Tensor | None,
                       dctx: DropoutContext, next_norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,11 +308,12 @@ class TransformerLayer(nn.Module):
         index = row_index(dctx.rows, x.shape[1])
         y = self.attention.forward_rows(x_normed, index, mask, dctx)
         n = self.post_attention_layernorm
-        return self._residual_norm(y, self.attention.dense.bias, take_rows(x, index), dctx, n.weight, n.bias, n.eps)
+        return self._residual_norm(y, self.attention.dense.bias, take_rows(x, index), dctx, n.weight, n.bias, n.eps,
+                                   1)
 
     def mlp_rows_fused(self, x, x_normed, dctx: DropoutContext, norm_weight, norm_bias, eps: float):
         y = self.mlp(x_normed)
-        return self._residual_norm(y, self.mlp.dense_4h_to_h.bias, x, dctx, norm_weight, norm_bias, eps)
+        return self._residual_norm(y, self.mlp.dense_4h_to_h.bias, x, dctx, norm_weight, norm_bias, eps, 2)
 
     def forward_rows_fused(self, x, x_normed, mask, dctx: DropoutContext, next_norm: nn.Module):
         """forward_fused at the positions ``dctx.rows``: → ``(out, next_norm(out))``, each ``[n, b, h]``."""
@@ -358,7 +363,12 @@ class TransformerEncoder(nn.Module):
         nexts = [layer.input_layernorm for layer in self.layers[1:]] + [self.final_layernorm]
         normed = self.layers[0]._norm(self.layers[0].input_layernorm, x)
         last = len(self.layers) - 1
+        # Every layer's three mask seeds in one draw ([layers, 3]; each layer gets its row, a view).
+        # Drawn inside the compiled halves they cost a generator launch per half (48 at 24 layers).
+        seeds = dropout_kernels.draw_seed(x.device, len(self.layers), 3) if dctx.training else None
         for i, (layer, next_norm) in enumerate(zip(self.layers, nexts)):
+            if seeds is not None:
+                dctx = dctx.with_seeds(seeds[i])
             if rows is not None and i == last:
                 x, normed = layer.forward_rows_fused(x, normed, mask, dctx.at_rows(rows), next_norm)
             else:
