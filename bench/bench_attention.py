@@ -113,7 +113,7 @@ def timings(s, b, heads, hd, p, baseline=True):
             _cudnn(qkv, heads, hd, drop).backward(dout)
         report(f"cudnn fwd+bwd p={drop} (autograd packs dqkv)", timed(cudnn_step), flops=3.5 * flops_fwd, **shape)
         del dq
-        for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_drop_bits_kernel"):
             kern = getattr(ak, name)
             for cfg, t in (getattr(kern, "configs_timings", None) or {}).items():
                 print("TILE", f"p={drop}", name, str(cfg), t, flush=True)

@@ -77,6 +77,31 @@ class SyntheticPretrainTask(PretrainTask):
             k += 1
 
 
+def print_launches(prof, pattern: str, steps: int) -> None:
+    """LAUNCH lines: per step, how many kernels matching ``pattern`` each CPU op chain (innermost op
+    and three of its parents, with the innermost op's input shapes) launched, most first."""
+    import re
+    from collections import Counter
+
+    from torch.autograd import DeviceType
+
+    found = Counter()
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        hits = [k.name for k in getattr(e, "kernels", []) if re.search(pattern, k.name)]
+        if not hits:
+            continue
+        chain, parent = [e.name], e.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        for name in hits:
+            found[(name[:50], " < ".join(chain), str(e.input_shapes)[:120])] += 1
+    for (kernel, chain, shapes), n in found.most_common(40):
+        print("LAUNCH", f"{n / steps:g}/step", kernel, "|", chain, "|", shapes, flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="345m", choices=sorted(SIZES))
@@ -101,6 +126,9 @@ def main():
     p.add_argument("--profile-ops", type=int, default=0, metavar="N",
                    help="with --profile (and no --cuda-graph): also print the N aten ops with the most GPU time, "
                         "by input shape (which op launched which kernel)")
+    p.add_argument("--profile-launches", default="", metavar="REGEX",
+                   help="with --profile (and no --cuda-graph): which ops launched the kernels whose names match "
+                        "REGEX (e.g. 'Memset|Fill|distribution'), counted per step by op chain and input shapes")
     p.add_argument("--tag", default="")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     a = p.parse_args()
@@ -151,7 +179,8 @@ def main():
 
         from profile_summary import print_summary, summarize
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=a.profile_ops > 0) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                     record_shapes=a.profile_ops > 0 or bool(a.profile_launches)) as prof:
             for _ in range(2):
                 step()
             torch.cuda.synchronize()
@@ -160,6 +189,9 @@ def main():
             print(prof.key_averages(group_by_input_shape=True).table(
                 sort_by="self_device_time_total", row_limit=a.profile_ops, max_name_column_width=60,
                 max_shapes_column_width=90), flush=True)
+
+        if a.profile_launches:
+            print_launches(prof, a.profile_launches, 2)
 
     fl = flops_per_sequence(L, h, a.seq, a.vocab) * a.batch
     if ps.is_main:
