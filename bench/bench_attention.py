@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_kernels import report  # noqa: E402
 from megatron_bert.model import attention_kernels as ak  # noqa: E402
+from megatron_bert.model import drop_mask_kernels as dm  # noqa: E402
 
 
 def _cudnn(qkv, heads, hd, p, key_valid=None):
@@ -58,7 +59,7 @@ def accuracy(s, b, heads, hd):
             o2.backward(dout)
             line.update(cudnn_out=rel(o2, ref), cudnn_dqkv=rel(qkv.grad, q64.grad))
         if bits is not None:
-            line["drop_fraction"] = 1.0 - ak.keep_from_bits(bits, s).double().mean().item()
+            line["drop_fraction"] = 1.0 - dm.keep_from_bits(bits, s).double().mean().item()
         print("ACCURACY", json.dumps({k: (round(v, 8) if isinstance(v, float) else v) for k, v in line.items()}),
               flush=True)
 
@@ -100,7 +101,7 @@ def timings(s, b, heads, hd, p, baseline=True):
             dout, qkv, out, lse, bits, None, heads, hd, drop, True)),
                flops=2.5 * flops_fwd, **shape)
         if drop:
-            report("ours mask kernel", timed(lambda: ak.drop_bits(seed, b * heads * s, s, drop, 0)),
+            report("ours mask kernel", timed(lambda: dm.drop_bits(seed, b * heads * s, s, drop, 0)),
                    nbytes=b * heads * s * s // 8, **shape)
 
         def ours_step():
@@ -114,7 +115,7 @@ def timings(s, b, heads, hd, p, baseline=True):
         report(f"cudnn fwd+bwd p={drop} (autograd packs dqkv)", timed(cudnn_step), flops=3.5 * flops_fwd, **shape)
         del dq
         for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_drop_bits_kernel"):
-            kern = getattr(ak, name)
+            kern = getattr(dm if name == "_drop_bits_kernel" else ak, name)
             for cfg, t in (getattr(kern, "configs_timings", None) or {}).items():
                 print("TILE", f"p={drop}", name, str(cfg), t, flush=True)
             print("BEST", f"p={drop}", name, str(getattr(kern, "best_config", None)), flush=True)

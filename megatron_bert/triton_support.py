@@ -23,6 +23,13 @@ _SUM_COLS = 16  # columns per program of column_sum
 _SUM_ROWS = 256  # most rows a column_sum program loads at once
 
 
+def tuned(configs: list, key: list):
+    """``triton.autotune`` over ``configs``, or over the first alone in Triton's interpreter (which
+    cannot time candidates)."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton.autotune(configs=configs[:1] if interpret else configs, key=key)
+
+
 @functools.lru_cache(maxsize=None)
 def usable(switch: str | None = None) -> bool:
     """Triton and a GPU are present and ``switch`` (if given) is not set to "0"."""

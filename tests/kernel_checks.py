@@ -16,9 +16,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_bert import triton_support  # noqa: E402
-from megatron_bert.model import (attention_kernels, dropout_kernels, gelu_kernels, layernorm_kernels,  # noqa: E402
-                                 qkv_kernels,
-                                 residual_norm_kernels)
+from megatron_bert.model import (attention_kernels, drop_mask_kernels, dropout_kernels, gelu_kernels,  # noqa: E402
+                                 layernorm_kernels, qkv_kernels, residual_norm_kernels)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -167,7 +166,7 @@ def attention_errors(s: int, b: int, heads: int, hd: int, p: float, masked: bool
     the forward's saved mask is that mask."""
     x, w, bias, dout, kv = _attention_inputs(s, b, heads, hd, masked, seed, device, dtype)
     seed_t = torch.tensor([seed + 1000], dtype=torch.int64, device=device)
-    bits = attention_kernels.drop_bits(seed_t, b * heads * s, s, p, 0) if p else None
+    bits = drop_mask_kernels.drop_bits(seed_t, b * heads * s, s, p, 0) if p else None
     saved = []
 
     def ours(qkv, projection):
@@ -238,10 +237,10 @@ def mask_statistics(rows: int, s: int, p: float, seed: int, device: str = "cpu")
     salt an independent mask (2p(1-p) of the positions differ), the same mask when written over a
     buffer of ones (the kernel zeroes the words it draws no drop in). Otherwise says what is wrong."""
     seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
-    bits = attention_kernels.drop_bits(seed_t, rows, s, p, 0)
+    bits = drop_mask_kernels.drop_bits(seed_t, rows, s, p, 0)
     dirty = torch.full_like(bits, -1)
-    over_ones = attention_kernels.drop_bits(seed_t, rows, s, p, 0, out=dirty)
-    drop = (~attention_kernels.keep_from_bits(bits, s)).double()
+    over_ones = drop_mask_kernels.drop_bits(seed_t, rows, s, p, 0, out=dirty)
+    drop = (~drop_mask_kernels.keep_from_bits(bits, s)).double()
     n = drop.numel()
     rate, sd = drop.mean().item(), (p * (1 - p) / n) ** 0.5
     cols = drop.mean(0)
@@ -249,14 +248,14 @@ def mask_statistics(rows: int, s: int, p: float, seed: int, device: str = "cpu")
     var = drop.sum(1).var().item()
     lag = ((drop[:, 1:] - p) * (drop[:, :-1] - p)).mean().item() / (p * (1 - p))
     lag_sd = (1.0 / (rows * (s - 1))) ** 0.5
-    other = (~attention_kernels.keep_from_bits(attention_kernels.drop_bits(seed_t, rows, s, p, 1), s)).double()
+    other = (~drop_mask_kernels.keep_from_bits(drop_mask_kernels.drop_bits(seed_t, rows, s, p, 1), s)).double()
     differ = (other != drop).double().mean().item()
     checks = [(abs(rate - p) < 5 * sd, f"drop rate {rate:.6f} for p={p}"),
               ((cols - p).abs().max().item() < 5 * col_sd,
                f"a position's drop rate off by {(cols - p).abs().max():.4f}"),
               (abs(var / (s * p * (1 - p)) - 1) < 0.15, f"per-row count variance {var:.2f} vs {s * p * (1 - p):.2f}"),
               (abs(lag) < 5 * lag_sd, f"lag-1 correlation {lag:.4f}"),
-              (torch.equal(bits, attention_kernels.drop_bits(seed_t, rows, s, p, 0)), "not a function of the seed"),
+              (torch.equal(bits, drop_mask_kernels.drop_bits(seed_t, rows, s, p, 0)), "not a function of the seed"),
               (over_ones is dirty and torch.equal(over_ones, bits), "words left over from the buffer's old contents"),
               (abs(differ - 2 * p * (1 - p)) < 5 * (2 * p * (1 - p) / n) ** 0.5, f"salt 1 differs at {differ:.4f}")]
     return "; ".join(msg for ok, msg in checks if not ok)
@@ -470,7 +469,7 @@ def interpret() -> None:
     for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel, layernorm_kernels._layer_norm_fwd_kernel,
                    residual_norm_kernels._fwd_kernel, residual_norm_kernels._bwd_kernel,
                    attention_kernels._fwd_kernel, attention_kernels._bwd_dq_kernel,
-                   attention_kernels._bwd_dkdv_kernel, attention_kernels._drop_bits_kernel):
+                   attention_kernels._bwd_dkdv_kernel, drop_mask_kernels._drop_bits_kernel):
         kernel.configs = kernel.configs[:1]
     check_gelu(128 + 69, 256, 0)      # a ragged last program (69 rows: its last sub-block part-filled)
     check_gelu(100, 192, 1)           # columns not a multiple of the tile
@@ -533,7 +532,7 @@ def compile_sm90() -> None:
     at = {**bf, "o_ptr": "*bf16", "do_ptr": "*bf16", "dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
           "lse_ptr": "*fp32", "delta_ptr": "*fp32", "bits_ptr": "*i32", "kv_ptr": "*i1", "db_ptr": "*fp32",
           "seed_ptr": "*i64", "qk_scale": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "inv_log_keep": "fp32"}
-    build(attention_kernels._drop_bits_kernel.fn, at, {"S_K": 512, "WORDS": 16, "ROWS": 32}, 1)
+    build(drop_mask_kernels._drop_bits_kernel.fn, at, {"S_K": 512, "WORDS": 16, "ROWS": 32}, 1)
     for drop, masked in ((True, False), (False, True)):
         c = dict(S_Q=512, S_K=512, HEAD_DIM=64, WORDS=16, DROPOUT=drop, KEY_MASK=masked)
         for cfg in attention_kernels._fwd_configs():

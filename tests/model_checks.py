@@ -181,7 +181,7 @@ def check_flash_attention_tp(ps: ParallelState):
     on this rank's heads), against TP=1's SDPA path with the same weights, fp32. Without dropout the
     output and every grad match; with it, each rank's output is the float64 reference's on the mask
     that ``drop_bits`` draws from the step's seed salted with the TP rank."""
-    from megatron_bert.model import attention_kernels, dropout_kernels
+    from megatron_bert.model import attention_kernels, drop_mask_kernels, dropout_kernels
     from megatron_bert.model.dropout import DropoutContext
     from megatron_bert.model.transformer import SelfAttention
     from parallel.init import normal_init
@@ -235,7 +235,7 @@ def check_flash_attention_tp(ps: ParallelState):
             seed = dropout_kernels.draw_seed(torch.device("cpu"))
             mixed = attn.query_key_value(shard(x, sp)).double()  # [s, b, heads_local · 3 · hd]
             hl = heads // ps.tp_size
-            bits = attention_kernels.drop_bits(seed, b * hl * s, s, p, ps.tp_rank)
+            bits = drop_mask_kernels.drop_bits(seed, b * hl * s, s, p, ps.tp_rank)
             ctx = attention_kernels.reference(mixed, mask[:, 0, 0, :], bits, hl, hd, p)
             want = attn.dense(ctx.float())
         worst = max(worst, _close_all(f"flash TP sp={sp} p={p}", [("output", out, want)]))

@@ -3,14 +3,11 @@
 Why: cuDNN's fused attention draws one Philox number per attention probability, and at BERT's
 head size (64) that draw, not the matrix units, sets the forward's time: 92 µs per layer of
 BERT-345M at seq 512 / batch 32 on H200 without dropout, 209 µs with it (bench/NOTES.md, session 9).
-A Bernoulli(p) drop needs ~0.47 bits of entropy per element, not 32: here the dropped positions of
-each query row are drawn as geometric gaps (``gap = ⌊log U / log(1 − p)⌋``, one uniform per *drop*,
-~p·s_k per row) by a small kernel that writes a bit mask (``drop_bits``: word-major
-``[⌈s_k/32⌉, b · heads · s_q]``); the attention kernels read one bit per probability. Each position is
-then dropped independently with probability ``p`` up to the float32 rounding of ``U`` and of the
-logarithm (~1e-7), as with torch's own dropout. The mask is a pure function of ``(seed, salt)``; the
-forward returns it for the backward (16.8 MB per layer of BERT-345M at seq 512 / batch 32: drawing it
-again cost more time than keeping it).
+A Bernoulli(p) drop needs ~0.47 bits of entropy per element, not 32: the dropped positions of each
+query row are drawn as geometric gaps by a small kernel that writes a bit mask (drop_mask_kernels.py:
+``drop_bits``, exact up to float32 rounding, ~1e-7); the attention kernels read one bit per
+probability. The mask is a pure function of ``(seed, salt)``; the forward returns it for the backward
+(16.8 MB per layer of BERT-345M at seq 512 / batch 32: drawing it again cost more time than keeping it).
 
 The kernels read q, k, v straight from the QKV projection's output ``[s, b, heads · 3 · head_dim]``
 (per-head ``[q | k | v]``, as qkv_kernels.py), write the context as ``[s, b, heads · head_dim]`` (the
@@ -31,11 +28,11 @@ q kᵀ and do vᵀ instead of accumulating dq across key blocks).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from ..triton_support import column_sum, tl, triton, usable
+from ..triton_support import column_sum, tl, triton, tuned, usable
+from .drop_mask_kernels import drop_bits, keep_from_bits, mask_words
 from .qkv_kernels import projection_grads
 
 
@@ -77,12 +74,9 @@ def bias_partials(s: int, b: int, width: int, device: torch.device) -> torch.Ten
 
 
 if triton is not None:
-    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    _PARTIAL_ROWS = tl.constexpr(PARTIAL_ROWS)
+    from .drop_mask_kernels import keep_tile, keep_tile_t
 
-    def _tuned(configs, key):
-        # The interpreter cannot time candidates: it takes the first.
-        return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
+    _PARTIAL_ROWS = tl.constexpr(PARTIAL_ROWS)
 
     @triton.jit
     def _store_bias_partials(db_ptr, block, batch, b, heads, h, d, sums, GROUP: tl.constexpr, BLOCK: tl.constexpr,
@@ -101,78 +95,6 @@ if triton is not None:
                 tl.store(ptr, tl.zeros_like(sums), mask=(d >= 0) & (r < n_rows))
 
     @triton.jit
-    def _drop_step(rand, pos, word, bits, out, n_rows, inv_log_keep, S_K: tl.constexpr):
-        # One geometric gap from one Philox word: the next dropped key of each row.
-        # inv_log_keep = 1 / log2(1 - p); U = (r + 1/2) / 2^32 in (0, 1]
-        u = rand.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
-        gap = tl.minimum(tl.floor(tl.log2(u) * inv_log_keep), S_K)  # log U / log(1 - p) >= 0
-        pos = tl.minimum(pos + 1 + gap.to(tl.int32), S_K)
-        new_word = pos >> 5
-        moved = new_word != word
-        tl.store(out + word.to(tl.int64) * n_rows, bits, mask=moved & (bits != 0))
-        bits = tl.where(moved, 0, bits) | tl.where(pos < S_K, 1 << (pos & 31), 0)
-        return pos, new_word, bits
-
-    @triton.jit
-    def _draw_rows(seed_ptr, bits_ptr, rows, row_ok, n_rows, inv_log_keep, salt, S_K: tl.constexpr,
-                   WORDS: tl.constexpr):
-        # Row r's dropped keys: pos_0 = G_0, pos_{i+1} = pos_i + 1 + G_{i+1}, G ~ Geometric(p) from
-        # one Philox word each (counter: row, draw, salt). Positions rise, so each row builds one
-        # 32-bit word at a time and stores it when the next drop lands in a later word. Word-major
-        # layout [WORDS, n_rows]: a warp's rows advance at about the same pace, so its stores land in
-        # a few lines. Words without drops are never written there: each thread zeroes its row first
-        # (no zero-fill kernel before this one).
-        seed = tl.load(seed_ptr)
-        pos = tl.where(row_ok, -1, S_K)
-        zero = tl.zeros(rows.shape, dtype=tl.int32)
-        word, bits = zero, zero
-        out = bits_ptr + rows
-        col = out
-        for _ in tl.static_range(WORDS):
-            tl.store(col, zero, mask=row_ok)
-            col += n_rows
-        draw = zero
-        while tl.min(pos, axis=0) < S_K:
-            r0, r1, r2, r3 = tl.philox(seed, rows.to(tl.int32), draw, zero + salt, zero)
-            pos, word, bits = _drop_step(r0, pos, word, bits, out, n_rows, inv_log_keep, S_K)
-            pos, word, bits = _drop_step(r1, pos, word, bits, out, n_rows, inv_log_keep, S_K)
-            pos, word, bits = _drop_step(r2, pos, word, bits, out, n_rows, inv_log_keep, S_K)
-            pos, word, bits = _drop_step(r3, pos, word, bits, out, n_rows, inv_log_keep, S_K)
-            draw += 1
-        tl.store(out + word.to(tl.int64) * n_rows, bits, mask=(bits != 0) & (word < WORDS))
-
-    @_tuned([triton.Config({"ROWS": r}, num_warps=w) for r, w in ((128, 4), (64, 2), (32, 1), (256, 4), (128, 2))],
-            key=["n_rows", "S_K"])
-    @triton.jit
-    def _drop_bits_kernel(seed_ptr, bits_ptr, n_rows, inv_log_keep, salt,
-                          S_K: tl.constexpr, WORDS: tl.constexpr, ROWS: tl.constexpr):
-        # ROWS rows per program, one or two per thread. A kernel of its own: with the forward at seq
-        # 512 / batch 32 on H200 the pair took 183 µs, the same draw in the forward's prologue 205 µs.
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        _draw_rows(seed_ptr, bits_ptr, rows, rows < n_rows, n_rows, inv_log_keep, salt, S_K, WORDS)
-
-    @triton.jit
-    def _keep(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WORDS: tl.constexpr):
-        # [BLOCK_M, BLOCK_N] bool, True where (query row, key start_n + j) is kept: the tile's
-        # BLOCK_N / 32 words per row, expanded in registers (a load per element measured 4x slower).
-        wcols = start_n // 32 + tl.arange(0, BLOCK_N // 32)
-        w = tl.load(bits_ptr + wcols[None, :].to(tl.int64) * n_rows + rows[:, None],
-                    mask=row_ok[:, None] & (wcols[None, :] < WORDS), other=0)
-        bit = w[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]  # one LOP3 per element, the bits hoisted
-        return tl.reshape(bit, [BLOCK_M, BLOCK_N]) == 0
-
-    @triton.jit
-    def _keep_t(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                WORDS: tl.constexpr):
-        # The transpose of _keep, [BLOCK_N keys, BLOCK_M queries], built as such (no transposing copy).
-        wcols = start_n // 32 + tl.arange(0, BLOCK_N // 32)
-        w = tl.load(bits_ptr + wcols[:, None].to(tl.int64) * n_rows + rows[None, :],
-                    mask=row_ok[None, :] & (wcols[:, None] < WORDS), other=0)
-        bit = w[:, None, :] & (1 << tl.arange(0, 32))[None, :, None]
-        return tl.reshape(bit, [BLOCK_N, BLOCK_M]) == 0
-
-    @triton.jit
     def _head_tile(ptr, base, pos, pos_ok, s_s, d):
         # One head's [positions, HEAD_DIM] tile of q, k or v in the packed projection (zeros past the end).
         return tl.load(ptr + base + pos[:, None] * s_s + d[None, :], mask=pos_ok[:, None], other=0.0)
@@ -185,7 +107,7 @@ if triton is not None:
             valid = valid & (tl.load(kv_ptr + b * S_K + cols, mask=col_ok, other=0) != 0)
         return valid
 
-    @_tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch", "heads"])
+    @tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch", "heads"])
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, bits_ptr, kv_ptr,
                     s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, keep_scale,
@@ -215,7 +137,7 @@ if triton is not None:
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:
-                p = tl.where(_keep(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), p, 0.0)
+                p = tl.where(keep_tile(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), p, 0.0)
             v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
@@ -228,7 +150,7 @@ if triton is not None:
 
     _BWD_KEY = ["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "BIAS_GRAD", "batch", "heads"]
 
-    @_tuned(_bwd_configs(), key=_BWD_KEY)
+    @tuned(_bwd_configs(), key=_BWD_KEY)
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, bits_ptr, kv_ptr, db_ptr,
                        s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
@@ -261,7 +183,7 @@ if triton is not None:
             p = tl.where(valid[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v))  # d(P ⊙ Z)
             if DROPOUT:  # dP = d(P ⊙ Z) ⊙ Z, the scale folded into the subtraction (one FFMA)
-                dp = tl.where(_keep(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), dp, 0.0)
+                dp = tl.where(keep_tile(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), dp, 0.0)
                 ds = p * (dp * keep_scale - delta[:, None])
             else:
                 ds = p * (dp - delta[:, None])
@@ -271,7 +193,7 @@ if triton is not None:
         if BIAS_GRAD:  # this block's rows of the q columns' bias grad (rows past S_Q hold zeros)
             _store_bias_partials(db_ptr, pid_m, batch, b, heads, h, d, tl.sum(dq, axis=0), 0, BLOCK_M, S_Q, HEAD_DIM)
 
-    @_tuned(_bwd_configs(), key=_BWD_KEY)
+    @tuned(_bwd_configs(), key=_BWD_KEY)
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, bits_ptr, kv_ptr, db_ptr,
                          s_s, s_b, s_h, o_s, o_b, o_h, heads, batch, n_rows, qk_scale, sm_scale, keep_scale,
@@ -303,7 +225,7 @@ if triton is not None:
             pt = tl.where(valid[:, None], pt, 0.0)
             dpt = tl.dot(v, tl.trans(do))  # d(P ⊙ Z)ᵀ
             if DROPOUT:
-                keep = _keep_t(bits, n_rows, rows, pid_n * BLOCK_N, row_ok, BLOCK_M, BLOCK_N, WORDS)
+                keep = keep_tile_t(bits, n_rows, rows, pid_n * BLOCK_N, row_ok, BLOCK_M, BLOCK_N, WORDS)
                 dv += tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do)  # scaled by 1 / (1 - p) once, below
                 dst = pt * (tl.where(keep, dpt, 0.0) * keep_scale - delta[None, :])
             else:
@@ -328,22 +250,6 @@ def _check(qkv: torch.Tensor, heads: int, head_dim: int, key_valid: torch.Tensor
         raise ValueError(f"attention kernels: key mask {tuple(key_valid.shape)}, expected {(b, s)}")
 
 
-def _words(s_k: int) -> int:
-    return -(-s_k // 32)
-
-
-def drop_bits(seed: torch.Tensor, rows: int, s_k: int, p: float, salt: int,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """The dropout bit mask ``[⌈s_k/32⌉, rows]`` (int32, word-major; bit j of word w of a row set = key
-    32w + j dropped), written into ``out`` if given (its contents do not matter)."""
-    if p <= 0.0 or not rows:
-        return torch.zeros(_words(s_k), rows, dtype=torch.int32, device=seed.device)
-    bits = torch.empty(_words(s_k), rows, dtype=torch.int32, device=seed.device) if out is None else out
-    grid = lambda meta: (triton.cdiv(rows, meta["ROWS"]),)  # noqa: E731
-    _drop_bits_kernel[grid](seed, bits, rows, math.log(2.0) / math.log1p(-p), salt, S_K=s_k, WORDS=_words(s_k))
-    return bits
-
-
 def _views(qkv: torch.Tensor, heads: int, head_dim: int):
     s, b, _ = qkv.shape
     packed = qkv.view(s, b, heads, 3, head_dim)
@@ -351,7 +257,7 @@ def _views(qkv: torch.Tensor, heads: int, head_dim: int):
 
 
 def _consts(s: int, head_dim: int, p: float, key_valid) -> dict:
-    return dict(S_Q=s, S_K=s, HEAD_DIM=head_dim, WORDS=_words(s), DROPOUT=p > 0.0, KEY_MASK=key_valid is not None)
+    return dict(S_Q=s, S_K=s, HEAD_DIM=head_dim, WORDS=mask_words(s), DROPOUT=p > 0.0, KEY_MASK=key_valid is not None)
 
 
 @torch.library.custom_op("megatron_bert::flash_attention", mutates_args=())
@@ -380,7 +286,7 @@ def flash_attention(qkv: torch.Tensor, key_valid: torch.Tensor | None, seed: tor
 @flash_attention.register_fake
 def _(qkv, key_valid, seed, heads, head_dim, p, salt):
     s, b, _ = qkv.shape
-    bits = (_words(s), b * heads * s) if p > 0.0 else (0, 0)
+    bits = (mask_words(s), b * heads * s) if p > 0.0 else (0, 0)
     return (qkv.new_empty(s, b, heads * head_dim), qkv.new_empty(b * heads, s, dtype=torch.float32),
             qkv.new_empty(bits, dtype=torch.int32))
 
@@ -472,9 +378,3 @@ def reference(qkv: torch.Tensor, key_valid: torch.Tensor | None, bits: torch.Ten
     if bits is not None and p > 0.0:
         probs = probs * keep_from_bits(bits, s).view(b, heads, s, s) / (1.0 - p)
     return (probs @ v).permute(2, 0, 1, 3).reshape(s, b, heads * head_dim)
-
-
-def keep_from_bits(bits: torch.Tensor, s_k: int) -> torch.Tensor:
-    """``[rows, s_k]`` bool (True = kept) from ``drop_bits``'s words."""
-    j = torch.arange(s_k, device=bits.device)
-    return ((bits.t()[:, j // 32] >> (j % 32)) & 1) == 0
