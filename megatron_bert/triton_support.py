@@ -4,7 +4,8 @@
 ``if triton is not None``. ``usable(switch)`` says whether the kernels can run, and with a
 ``switch`` (an environment variable) whether the user left them on: ``switch=0`` turns them off for
 A/B runs. ``column_sum`` adds per-block partial sums, the second half of the bias-grad reductions
-that the GeLU and QKV backward kernels fold into their passes.
+that the GeLU and QKV backward kernels fold into their passes. ``tuned`` is ``triton.autotune`` that
+keeps one candidate in Triton's interpreter (which cannot time them).
 """
 from __future__ import annotations
 

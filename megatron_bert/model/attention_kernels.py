@@ -84,6 +84,7 @@ if triton is not None:
         # Block `block` (BLOCK positions) of sample b, head h: its column sums of q, k or v (GROUP 0, 1,
         # 2) into the first of its BLOCK / PARTIAL_ROWS rows of the partial sums, zeros into the others.
         SUB: tl.constexpr = BLOCK // _PARTIAL_ROWS
+        tl.static_assert(SUB * _PARTIAL_ROWS == BLOCK, "attention backward blocks must be multiples of PARTIAL_ROWS")
         n_rows = (S + _PARTIAL_ROWS - 1) // _PARTIAL_ROWS
         col = h * 3 * HEAD_DIM + GROUP * HEAD_DIM + d
         for j in tl.static_range(SUB):
