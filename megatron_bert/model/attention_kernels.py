@@ -90,10 +90,7 @@ if triton is not None:
         for j in tl.static_range(SUB):
             r = block * SUB + j
             ptr = db_ptr + (r * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + col
-            if j == 0:
-                tl.store(ptr, sums, mask=(d >= 0) & (r < n_rows))
-            else:
-                tl.store(ptr, tl.zeros_like(sums), mask=(d >= 0) & (r < n_rows))
+            tl.store(ptr, sums if j == 0 else tl.zeros_like(sums), mask=(d >= 0) & (r < n_rows))
 
     @triton.jit
     def _head_tile(ptr, base, pos, pos_ok, s_s, d):

@@ -52,8 +52,11 @@ class DropoutContext:
     def with_seeds(self, seeds: torch.Tensor) -> "DropoutContext":
         return dataclasses.replace(self, seeds=seeds)
 
-    def kernel_seed(self, which: int, device: torch.device) -> torch.Tensor:
-        """Site ``which``'s seed for a mask-drawing kernel: one int64 on the device."""
+    def kernel_seed(self, which: int, device: torch.device, p: float) -> torch.Tensor:
+        """Site ``which``'s seed for a mask-drawing kernel at drop rate ``p``: one int64 on the device
+        (a zero the kernel never reads when ``p`` is 0)."""
+        if p <= 0.0:
+            return torch.zeros(1, dtype=torch.int64, device=device)
         if self.seeds is not None:
             return self.seeds[which:which + 1]
         return draw_seed(device)

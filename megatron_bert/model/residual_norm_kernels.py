@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..triton_support import column_sum, tl, triton, usable
-from .dropout_kernels import drop_threshold, draw_seed
+from .dropout_kernels import drop_threshold
 from .layernorm_kernels import _stats_shape
 
 # backward programs (and partial-sum rows) per SM: 4 the fastest of 2, 4, 8, 16 on H200 (55.5 µs against
@@ -272,14 +272,10 @@ def _backward(ctx, grad_h, grad_normed, _grad_keep, _grad_mean, _grad_rstd):
 residual_norm_with_stats.register_autograd(_backward, setup_context=_setup_context)
 
 
-def residual_norm(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, p: float, salt: int,
-                  norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
-                  seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, LayerNorm(h))`` for ``h = residual + dropout_p(y + bias)``, the LayerNorm affine over the
-    last dim; the mask from ``seed`` (one int64 on the device), freshly drawn when not given."""
-    if p <= 0:
-        seed = torch.zeros(1, dtype=torch.int64, device=y.device)
-    elif seed is None:
-        seed = draw_seed(y.device)
+def residual_norm(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, seed: torch.Tensor, p: float,
+                  salt: int, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, LayerNorm(h))`` for ``h = residual + dropout_p(y + bias)``, the mask drawn from ``seed``
+    (one int64 on the device: DropoutContext.kernel_seed), the LayerNorm affine over the last dim."""
     h, normed, _, _, _ = residual_norm_with_stats(y, bias, residual, seed, p, salt, norm_weight, norm_bias, eps)
     return h, normed

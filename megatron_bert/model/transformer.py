@@ -133,7 +133,7 @@ class SelfAttention(nn.Module):
         # Every TP rank draws the same seed (the default generator is kept equal across them) and
         # salts its heads' masks with its rank: masks differ per rank as with the model-parallel
         # generator, without swapping generator states (which torch.compile breaks a graph at).
-        seed = dctx.kernel_seed(0, x.device) if p > 0.0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+        seed = dctx.kernel_seed(0, x.device, p)
         hd, qkv = self.cfg.head_dim, self.query_key_value
         if self.ps.tp_size == 1:  # the bias grad folded into the attention backward
             ctx = attention_kernels.projected_attention(x, qkv.weight, qkv.bias, key_valid, seed, self.heads_local,
@@ -265,9 +265,8 @@ class TransformerLayer(nn.Module):
                        which: int):
         # which: the dropout site, 1 after the attention, 2 after the MLP (DropoutContext.kernel_seed)
         p = self.cfg.hidden_dropout if dctx.active(self.cfg.hidden_dropout) else 0.0
-        seed = dctx.kernel_seed(which, y.device) if p > 0.0 else None
-        return residual_norm_kernels.residual_norm(y, bias, residual, p, self.mask_salt, norm_weight, norm_bias, eps,
-                                                   seed)
+        return residual_norm_kernels.residual_norm(y, bias, residual, dctx.kernel_seed(which, y.device, p), p,
+                                                   self.mask_salt, norm_weight, norm_bias, eps)
 
     def attention_block_fused(self, x, x_normed, mask, dctx: DropoutContext):
         y = self.attention(x_normed, mask, dctx)
