@@ -1,4 +1,5 @@
-"""Our Triton attention (attention_kernels.py) against cuDNN's fused attention on this GPU (bf16).
+"""Our Triton attention (attention_kernels.py, its backward in attention_backward_kernels.py) against
+cuDNN's fused attention on this GPU (bf16).
 
     python bench/bench_attention.py --seq 512 --batch 32 --heads 16 --head-dim 64
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_kernels import report  # noqa: E402
+from megatron_bert.model import attention_backward_kernels as bk  # noqa: E402
 from megatron_bert.model import attention_kernels as ak  # noqa: E402
 from megatron_bert.model import drop_mask_kernels as dm  # noqa: E402
 
@@ -115,7 +117,7 @@ def timings(s, b, heads, hd, p, baseline=True):
         report(f"cudnn fwd+bwd p={drop} (autograd packs dqkv)", timed(cudnn_step), flops=3.5 * flops_fwd, **shape)
         del dq
         for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_drop_bits_kernel"):
-            kern = getattr(dm if name == "_drop_bits_kernel" else ak, name)
+            kern = getattr({"_drop_bits_kernel": dm, "_fwd_kernel": ak}.get(name, bk), name)
             for cfg, t in (getattr(kern, "configs_timings", None) or {}).items():
                 print("TILE", f"p={drop}", name, str(cfg), t, flush=True)
             print("BEST", f"p={drop}", name, str(getattr(kern, "best_config", None)), flush=True)

@@ -16,8 +16,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_bert import triton_support  # noqa: E402
-from megatron_bert.model import (attention_kernels, drop_mask_kernels, dropout_kernels, gelu_kernels,  # noqa: E402
-                                 layernorm_kernels, qkv_kernels, residual_norm_kernels)
+from megatron_bert.model import (attention_backward_kernels, attention_kernels, drop_mask_kernels,  # noqa: E402
+                                 dropout_kernels, gelu_kernels, layernorm_kernels, qkv_kernels,
+                                 residual_norm_kernels)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -212,8 +213,9 @@ def errors_over_dirty_partials(s: int, b: int, heads: int, hd: int, p: float, ma
     """``attention_errors`` with the bias-grad partial sums allocated full of NaNs and the dk/dv kernel
     on 128-key blocks (two partial rows each, the second written as zeros), the dq kernel on 64-query
     blocks: the backward must write every row whatever its tiles (no zero-fill before it)."""
-    dkdv, alloc = attention_kernels._bwd_dkdv_kernel, attention_kernels.bias_partials
-    wide = [c for c in attention_kernels._bwd_configs() if c.kwargs["BLOCK_N"] > attention_kernels.PARTIAL_ROWS]
+    bk = attention_backward_kernels
+    dkdv, alloc = bk._bwd_dkdv_kernel, attention_kernels.bias_partials
+    wide = [c for c in bk._bwd_configs() if c.kwargs["BLOCK_N"] > bk.PARTIAL_ROWS]
     configs, dkdv.configs, dkdv.cache = dkdv.configs, wide[:1], {}
     attention_kernels.bias_partials = lambda *args: alloc(*args).fill_(float("nan"))
     try:
@@ -468,8 +470,8 @@ def interpret() -> None:
     assert walk.kwargs["ROWS_PER_PROGRAM"] > walk.kwargs["SUB_M"]
     for kernel in (gelu_kernels._fwd_kernel, gelu_kernels._bwd_kernel, layernorm_kernels._layer_norm_fwd_kernel,
                    residual_norm_kernels._fwd_kernel, residual_norm_kernels._bwd_kernel,
-                   attention_kernels._fwd_kernel, attention_kernels._bwd_dq_kernel,
-                   attention_kernels._bwd_dkdv_kernel, drop_mask_kernels._drop_bits_kernel):
+                   attention_kernels._fwd_kernel, attention_backward_kernels._bwd_dq_kernel,
+                   attention_backward_kernels._bwd_dkdv_kernel, drop_mask_kernels._drop_bits_kernel):
         kernel.configs = kernel.configs[:1]
     check_gelu(128 + 69, 256, 0)      # a ragged last program (69 rows: its last sub-block part-filled)
     check_gelu(100, 192, 1)           # columns not a multiple of the tile
@@ -537,10 +539,11 @@ def compile_sm90() -> None:
         c = dict(S_Q=512, S_K=512, HEAD_DIM=64, WORDS=16, DROPOUT=drop, KEY_MASK=masked)
         for cfg in attention_kernels._fwd_configs():
             build(attention_kernels._fwd_kernel.fn, at, {**c, **cfg.kwargs}, cfg.num_warps)
-        for cfg in attention_kernels._bwd_configs()[:1]:
-            build(attention_kernels._bwd_dq_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
-        for cfg in attention_kernels._bwd_configs()[::2]:  # 64- and 128-key blocks
-            build(attention_kernels._bwd_dkdv_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
+        bk = attention_backward_kernels
+        for cfg in bk._bwd_configs()[:1]:
+            build(bk._bwd_dq_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
+        for cfg in bk._bwd_configs()[::2]:  # 64- and 128-key blocks
+            build(bk._bwd_dkdv_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps)
 
 
 if __name__ == "__main__":
