@@ -51,7 +51,8 @@ if triton is not None:
         for j in tl.static_range(SUB):
             r = block * SUB + j
             ptr = db_ptr + (r * batch + b).to(tl.int64) * (heads * 3 * HEAD_DIM) + col
-            tl.store(ptr, sums if j == 0 else tl.zeros_like(sums), mask=(d >= 0) & (r < n_rows))
+            # the row test broadcast through a where: Triton 3.9's interpreter rejects `(d >= 0) & scalar`
+            tl.store(ptr, sums if j == 0 else tl.zeros_like(sums), mask=d < tl.where(r < n_rows, HEAD_DIM, 0))
 
     @triton.jit
     def _head_tile(ptr, base, pos, pos_ok, s_s, d):
