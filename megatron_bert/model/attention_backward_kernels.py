@@ -35,7 +35,7 @@ def _bwd_configs():
 
 
 if triton is not None:
-    from .drop_mask_kernels import keep_tile, keep_tile_t
+    from .drop_mask_kernels import drop_tile, drop_tile_t, zero_dropped
 
     _PARTIAL_ROWS = tl.constexpr(PARTIAL_ROWS)
 
@@ -97,12 +97,12 @@ if triton is not None:
             col_ok = cols < S_K
             k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
             v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
-            valid = _valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            p = tl.where(valid[None, :], p, 0.0)
+            if KEY_MASK or S_K % BLOCK_N != 0:  # a select per score only where a key can be invalid
+                p = tl.where(_valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v))  # d(P ⊙ Z)
             if DROPOUT:  # dP = d(P ⊙ Z) ⊙ Z, the scale folded into the subtraction (one FFMA)
-                dp = tl.where(keep_tile(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), dp, 0.0)
+                dp = zero_dropped(dp, drop_tile(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS))
                 ds = p * (dp * keep_scale - delta[:, None])
             else:
                 ds = p * (dp - delta[:, None])
@@ -141,12 +141,13 @@ if triton is not None:
             lse = tl.load(lse_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=0.0)
             pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [keys, queries]
-            pt = tl.where(valid[:, None], pt, 0.0)
+            if KEY_MASK or S_K % BLOCK_N != 0:
+                pt = tl.where(valid[:, None], pt, 0.0)
             dpt = tl.dot(v, tl.trans(do))  # d(P ⊙ Z)ᵀ
             if DROPOUT:
-                keep = keep_tile_t(bits, n_rows, rows, pid_n * BLOCK_N, row_ok, BLOCK_M, BLOCK_N, WORDS)
-                dv += tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do)  # scaled by 1 / (1 - p) once, below
-                dst = pt * (tl.where(keep, dpt, 0.0) * keep_scale - delta[None, :])
+                drop = drop_tile_t(bits, n_rows, rows, pid_n * BLOCK_N, row_ok, BLOCK_M, BLOCK_N, WORDS)
+                dv += tl.dot(zero_dropped(pt, drop).to(do.dtype), do)  # scaled by 1 / (1 - p) once, below
+                dst = pt * (zero_dropped(dpt, drop) * keep_scale - delta[None, :])
             else:
                 dv += tl.dot(pt.to(do.dtype), do)
                 dst = pt * (dpt - delta[None, :])

@@ -61,7 +61,7 @@ def _fwd_configs():
 
 if triton is not None:
     from .attention_backward_kernels import _head_tile, _valid_keys
-    from .drop_mask_kernels import keep_tile
+    from .drop_mask_kernels import drop_tile, zero_dropped
 
     @tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch", "heads"])
     @triton.jit
@@ -84,19 +84,25 @@ if triton is not None:
             cols = start_n + tl.arange(0, BLOCK_N)
             col_ok = cols < S_K
             k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-            valid = _valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # At head size 64 the instructions per score set this loop's time as much as the matrix
+            # products (bench/NOTES.md, session 14): the scale rides on the exponent's FFMA (the max of
+            # raw scores, scaled once per row), the key select is compiled in only where a key can be
+            # invalid, and the dropout select stays in fp32 (zero_dropped).
+            s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], raw
+            if KEY_MASK or S_K % BLOCK_N != 0:
+                valid = _valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)
+                s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # log2 units
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
             alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
+            p = tl.exp2(s * qk_scale - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DROPOUT:
-                p = tl.where(keep_tile(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS), p, 0.0)
-            v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None]
             m_i = m_new
+            if DROPOUT:
+                p = zero_dropped(p, drop_tile(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS))
+            v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
+            acc = acc + tl.dot(p.to(v.dtype), v)
         empty = l_i == 0.0
         out = acc * (keep_scale / tl.where(empty, 1.0, l_i))[:, None]
         tl.store(o_ptr + b.to(tl.int64) * o_b + h * o_h + rows[:, None] * o_s + d[None, :],

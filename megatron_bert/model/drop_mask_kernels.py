@@ -5,14 +5,16 @@ probability that cuDNN draws. ``drop_bits`` draws, for each query row, the gaps 
 (``gap = ⌊log U / log(1 − p)⌋``, one 32-bit uniform per *drop*, ~p·s_k per row) into a bit mask,
 word-major ``[⌈s_k/32⌉, rows]`` (a warp's rows advance at about the same pace, so its stores land in a
 few lines). Each position is then dropped independently with probability ``p`` up to the float32
-rounding of ``U`` and of the logarithm (~1e-7), as with torch's own dropout. ``keep_tile`` / ``keep_tile_t``
-expand a tile's words into the [queries, keys] / [keys, queries] keep tiles of attention_kernels.py.
+rounding of ``U`` and of the logarithm (~1e-7), as with torch's own dropout. ``drop_tile`` / ``drop_tile_t``
+expand a tile's words into the [queries, keys] / [keys, queries] drop tiles of attention_kernels.py,
+``zero_dropped`` zeroes the dropped elements of an fp32 tile.
 On H200 the draw takes ~56 µs for 262k rows of 512 keys (b · heads · s of BERT-345M at seq 512 /
 batch 32) whatever its launch shape (bench/NOTES.md, sessions 9 and 12).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -72,25 +74,41 @@ if triton is not None:
         _draw_rows(seed_ptr, bits_ptr, rows, rows < n_rows, n_rows, inv_log_keep, salt, S_K, WORDS)
 
     @triton.jit
-    def keep_tile(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              WORDS: tl.constexpr):
-        # [BLOCK_M, BLOCK_N] bool, True where (query row, key start_n + j) is kept: the tile's
+    def drop_tile(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  WORDS: tl.constexpr):
+        # [BLOCK_M, BLOCK_N] int32, nonzero where (query row, key start_n + j) is dropped: the tile's
         # BLOCK_N / 32 words per row, expanded in registers (a load per element measured 4x slower).
         wcols = start_n // 32 + tl.arange(0, BLOCK_N // 32)
         w = tl.load(bits_ptr + wcols[None, :].to(tl.int64) * n_rows + rows[:, None],
                     mask=row_ok[:, None] & (wcols[None, :] < WORDS), other=0)
         bit = w[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]  # one LOP3 per element, the bits hoisted
-        return tl.reshape(bit, [BLOCK_M, BLOCK_N]) == 0
+        return tl.reshape(bit, [BLOCK_M, BLOCK_N])
 
     @triton.jit
-    def keep_tile_t(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                WORDS: tl.constexpr):
-        # The transpose of keep_tile, [BLOCK_N keys, BLOCK_M queries], built as such (no transposing copy).
+    def drop_tile_t(bits_ptr, n_rows, rows, start_n, row_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    WORDS: tl.constexpr):
+        # The transpose of drop_tile, [BLOCK_N keys, BLOCK_M queries], built as such (no transposing copy).
         wcols = start_n // 32 + tl.arange(0, BLOCK_N // 32)
         w = tl.load(bits_ptr + wcols[:, None].to(tl.int64) * n_rows + rows[None, :],
                     mask=row_ok[None, :] & (wcols[:, None] < WORDS), other=0)
         bit = w[:, None, :] & (1 << tl.arange(0, 32))[None, :, None]
-        return tl.reshape(bit, [BLOCK_N, BLOCK_M]) == 0
+        return tl.reshape(bit, [BLOCK_N, BLOCK_M])
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter runs no PTX: the same select
+
+        @triton.jit
+        def zero_dropped(x, drop):
+            return tl.where(drop == 0, x, 0.0)
+    else:
+
+        @triton.jit
+        def zero_dropped(x, drop):
+            # fp32 x where drop == 0, else 0, selected in fp32. Written as tl.where followed by a cast
+            # to bf16, LLVM moved the select past the cast onto packed bf16 pairs: two PRMTs and an
+            # integer SEL per element where an FSEL does (sm90 SASS, bench/NOTES.md session 14).
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred d; setp.ne.b32 d, $2, 0; selp.f32 $0, 0f00000000, $1, d; }",
+                "=f,f,r", [x, drop], dtype=tl.float32, is_pure=True, pack=1)
 
 
 def mask_words(s_k: int) -> int:
