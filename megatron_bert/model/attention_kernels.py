@@ -60,7 +60,7 @@ def _fwd_configs():
 
 
 if triton is not None:
-    from .attention_backward_kernels import _head_tile, _valid_keys
+    from .attention_backward_kernels import _head_tile, _in_range, _valid_keys
     from .drop_mask_kernels import drop_tile, zero_dropped
 
     @tuned(_fwd_configs(), key=["S_Q", "S_K", "HEAD_DIM", "DROPOUT", "KEY_MASK", "batch", "heads"])
@@ -73,7 +73,7 @@ if triton is not None:
         b, h = bh // heads, bh % heads
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         d = tl.arange(0, HEAD_DIM)
-        row_ok = rows < S_Q
+        row_ok = _in_range(rows, S_Q, BLOCK_M)
         base = b.to(tl.int64) * s_b + h * s_h
         q = _head_tile(q_ptr, base, rows, row_ok, s_s, d)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -82,7 +82,7 @@ if triton is not None:
         bits = bits_ptr + bh.to(tl.int64) * S_Q  # word-major: [WORDS, b · heads · S_Q]
         for start_n in range(0, S_K, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
-            col_ok = cols < S_K
+            col_ok = _in_range(cols, S_K, BLOCK_N)
             k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
             # At head size 64 the instructions per score set this loop's time as much as the matrix
             # products (bench/NOTES.md, session 14): the scale rides on the exponent's FFMA (the max of
