@@ -57,6 +57,11 @@ _FORMATS = {ENV_NAN: "STEP[xCOUNT][@RANK]", ENV_KILL: "STEP[@RANK]", ENV_HANG: "
             ENV_SAVE: "ERRNO:STEP[xCOUNT][@RANK][:FILE]"}
 
 
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite steps, non-finite weights at a save); the message
+    says why."""
+
+
 class CommunicationError(RuntimeError):
     """A collective timed out or lost its peer; the message names the rank, the phase and the step."""
 

@@ -1,0 +1,124 @@
+"""Checkpoints of a training run: resume or initialise at setup, and the save (collective), which never
+writes non-finite weights and follows ``checkpoint.on_error`` when the disk fails (RELIABILITY.md).
+
+A mixin of ``Trainer`` (trainer.py): its methods use the trainer's ``cfg``, ``ps``, ``task``, ``model``,
+``model_cfg``, ``optimizer``, ``opt_params``, ``tracker``, ``scaler``, ``step``, ``consumed_samples`` and
+``log``, and the pending background save (``_async_saver``, ``_async_step``, set in ``Trainer.__init__``).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint.manager import agree
+from . import faults
+from .faults import TrainingStopped
+
+ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+             "max_position_embeddings", "type_vocab_size")
+
+
+class CheckpointingMixin:
+    def _resume_or_init(self) -> None:
+        c = self.cfg.checkpoint
+        path = None
+        if c.resume == "auto":
+            path = latest_checkpoint(c.dir) if c.dir else None
+        elif c.resume != "none":
+            path = c.resume
+        if path is not None:
+            self._check_architecture(path)
+            ckpt, meta, rng = load_checkpoint(path, self.model, self.optimizer, self.ps)
+            self.step, self.consumed_samples = int(meta["step"]), int(meta["consumed_samples"])
+            if meta.get("scaler"):
+                self.scaler.load_state_dict(meta["scaler"])
+            if rng is not None:
+                torch.set_rng_state(rng["cpu"])
+                if "cuda" in rng and self.ps.device.type == "cuda":
+                    torch.cuda.set_rng_state(rng["cuda"], self.ps.device)
+                self.tracker.set_states(rng["tracker"])
+            self.log(f"resumed from {ckpt} (step {self.step}, {self.consumed_samples} samples; "
+                     f"saved at TP={meta['saved_tp']} DP={meta['saved_dp']}, now TP={self.ps.tp_size} DP={self.ps.dp_size})")
+        elif self.cfg.task.pretrained:
+            self._check_architecture(self.cfg.task.pretrained)
+            # weights only (the optimizer is passed so mixed-precision fp32 masters get them too)
+            ckpt, _, _ = load_checkpoint(self.cfg.task.pretrained, self.model, self.optimizer, self.ps, strict=False,
+                                         load_optimizer=False)
+            self.log(f"initialised from pretrained weights {ckpt} (new parameters keep their fresh init)")
+
+    def _check_architecture(self, path) -> None:
+        from ..checkpoint import read_meta, resolve_checkpoint
+
+        saved = read_meta(resolve_checkpoint(path)).get("model", {})
+        mine = self.model_cfg.to_dict()
+        diff = [f"{k}: checkpoint {saved.get(k)} vs config {mine[k]}" for k in ARCH_KEYS if saved.get(k) != mine[k]]
+        if diff:
+            raise CheckpointError(f"checkpoint {path} is for a different model ({'; '.join(diff)}): "
+                                  "pick the matching model=... or another checkpoint.dir")
+
+    def _kept(self) -> str:
+        kept = latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
+        return f"the last good checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
+
+    def save(self) -> Path | None:
+        """Save (collective). Never writes non-finite weights; disk errors follow checkpoint.on_error:
+        ``exit`` stops at the first failure, ``retry`` tries ``checkpoint.retries`` more times."""
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return None
+        self._enter("checkpoint save", self.step)
+        if not faults.all_finite(self.opt_params, self.ps):
+            raise TrainingStopped(f"the weights are non-finite at step {self.step}: not saving them; {self._kept()}")
+        attempts = 1 + (c.retries if c.on_error == "retry" else 0)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._save_once()
+            except CheckpointError as e:
+                if attempt == attempts:
+                    raise self._save_failed(e) from None
+                self.log(f"warning: {e}; retrying in {c.retry_wait:g} s (attempt {attempt + 1} of {attempts})")
+                time.sleep(c.retry_wait)
+
+    def _save_failed(self, e: CheckpointError) -> CheckpointError:
+        c = self.cfg.checkpoint
+        hint = "" if c.on_error == "retry" else " (or set checkpoint.on_error=retry)"
+        return CheckpointError(f"{e} — {self._kept()}; free disk space or fix the permissions of {c.dir}{hint}")
+
+    def _wait_async_save(self) -> None:
+        """Wait for the pending background save; its failure (possibly on one rank only) is agreed on."""
+        if self._async_saver is None:
+            return
+        step, error = self._async_step, None
+        try:
+            self._async_saver.wait()
+        except CheckpointError as e:
+            error = e
+        agree(self.ps, error, step, Path(self.cfg.checkpoint.dir) / f".step_{step}.tmp")
+
+    def _save_once(self) -> Path:
+        c = self.cfg.checkpoint
+        rng = {"cpu": torch.get_rng_state(), "tracker": self.tracker.get_states()}
+        if self.ps.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.ps.device)
+        meta = {"config": OmegaConf.to_container(self.cfg), "model": self.model_cfg.to_dict(),
+                "head": self.task.head, "head_kwargs": getattr(self.task, "head_kwargs", {}),
+                "consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
+                **self.task.checkpoint_meta()}
+        t0 = time.perf_counter()
+        if c.async_save:
+            from ..checkpoint import AsyncCheckpointSaver
+
+            if self._async_saver is None:
+                self._async_saver = AsyncCheckpointSaver(self.ps, self.log)
+            self._wait_async_save()
+            self._async_step = self.step
+            path, held = self._async_saver.save(c.dir, self.step, self.model, self.optimizer, meta, rng, keep=c.keep)
+            self.log(f"saving checkpoint {path} in the background (training held {held:.2f} s)")
+            return path
+        path = save_checkpoint(c.dir, self.step, self.model, self.optimizer, self.ps, meta, rng, keep=c.keep)
+        self.log(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
+        return path
