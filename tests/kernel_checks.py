@@ -506,15 +506,27 @@ def compile_sm90() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def build(kernel, types: dict, consts: dict, warps: int = 4, maxnreg: int | None = None, divisible=()):
+    def build(kernel, types: dict, consts: dict, warps: int = 4, divisible=()):
         sig = {k: ("constexpr" if k in consts else types.get(k, "i32")) for k in kernel.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(kernel.arg_names)
                  if k.endswith("_ptr") or k in divisible}  # as the JIT marks integers divisible by 16
         src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-        options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        print(f"OK compile sm90: {kernel.fn.__name__} {consts} {options}: {len(k.asm['cubin'])} bytes of cubin")
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        print(f"OK compile sm90: {kernel.fn.__name__} {consts}: {len(k.asm['cubin'])} bytes of cubin")
         return k
+
+    def fp32_selects(k, name: str) -> None:
+        # The dropout selects stay in fp32 (drop_mask_kernels.zero_dropped): a select moved past the bf16
+        # cast shows as PRMTs (halves taken out of and put back into packed pairs), ~40 a loop, none otherwise.
+        nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        if " PRMT " in sass:
+            raise SystemExit(f"FAIL: {name}'s dropout select runs on packed bf16 halves "
+                             f"({sass.count(' PRMT ')} PRMTs in its sm90 SASS)")
+        print(f"OK compile sm90: {name} with dropout selects in fp32 (no PRMT in its SASS)")
 
     bf = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "dx_ptr": "*bf16",
           "partial_ptr": "*fp32", "out_ptr": "*bf16", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16"}
@@ -540,33 +552,20 @@ def compile_sm90() -> None:
           "lse_ptr": "*fp32", "delta_ptr": "*fp32", "bits_ptr": "*i32", "kv_ptr": "*i1", "db_ptr": "*fp32",
           "seed_ptr": "*i64", "qk_scale": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "inv_log_keep": "fp32"}
     build(drop_mask_kernels._drop_bits_kernel.fn, at, {"S_K": 512, "WORDS": 16, "ROWS": 32}, 1)
+    strides = ("s_s", "s_b", "s_h", "o_s", "o_b", "o_h", "n_rows")
+    bk = attention_backward_kernels
     for drop, masked in ((True, False), (False, True)):
         c = dict(S_Q=512, S_K=512, HEAD_DIM=64, WORDS=16, DROPOUT=drop, KEY_MASK=masked)
-        for cfg in attention_kernels._fwd_configs():
-            build(attention_kernels._fwd_kernel.fn, at, {**c, **cfg.kwargs}, cfg.num_warps, cfg.maxnreg)
-        bk = attention_backward_kernels
+        for i, cfg in enumerate(attention_kernels._fwd_configs()):
+            k = build(attention_kernels._fwd_kernel.fn, at, {**c, **cfg.kwargs}, cfg.num_warps, strides)
+            if drop and i == 0:
+                fp32_selects(k, "_fwd_kernel")
         for cfg in bk._bwd_configs()[:1]:
-            build(bk._bwd_dq_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps, cfg.maxnreg)
-        for cfg in bk._bwd_configs()[::2]:  # 64- and 128-key blocks
-            build(bk._bwd_dkdv_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps, cfg.maxnreg)
-    # The dropout selects stay in fp32 (drop_mask_kernels.zero_dropped): a select moved past the bf16 cast
-    # shows as PRMTs (halves taken out of and put back into packed pairs), ~40 a loop, none otherwise.
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    strides = ("s_s", "s_b", "s_h", "o_s", "o_b", "o_h", "n_rows")
-    c = dict(S_Q=512, S_K=512, HEAD_DIM=64, WORDS=16, DROPOUT=True, KEY_MASK=False)
-    for kernel, cfg in ((attention_kernels._fwd_kernel, attention_kernels._fwd_configs()[0]),
-                        (attention_backward_kernels._bwd_dkdv_kernel, attention_backward_kernels._bwd_configs()[0])):
-        consts = {**c, **cfg.kwargs, **({} if kernel is attention_kernels._fwd_kernel else {"BIAS_GRAD": True})}
-        k = build(kernel.fn, at, consts, cfg.num_warps, cfg.maxnreg, strides)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
-        if " PRMT " in sass:
-            raise SystemExit(f"FAIL: {kernel.fn.__name__}'s dropout select runs on packed bf16 halves "
-                             f"({sass.count(' PRMT ')} PRMTs in its sm90 SASS)")
-        print(f"OK compile sm90: {kernel.fn.__name__} with dropout selects in fp32 (no PRMT in its SASS)")
-
+            build(bk._bwd_dq_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps, strides)
+        for i, cfg in enumerate(bk._bwd_configs()[::2]):  # 64- and 128-key blocks
+            k = build(bk._bwd_dkdv_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps, strides)
+            if drop and i == 0:
+                fp32_selects(k, "_bwd_dkdv_kernel")
 
 if __name__ == "__main__":
     {"interpret": interpret, "compile": compile_sm90}[sys.argv[1]]()

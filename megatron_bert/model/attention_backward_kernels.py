@@ -61,8 +61,9 @@ if triton is not None:
 
     @triton.jit
     def _in_range(pos, N: tl.constexpr, BLOCK: tl.constexpr):
-        # pos < N, as a constant True where blocks of BLOCK tile N exactly: the masks of the loads that
-        # take it fold away (in the dk/dv loop, 16 FSELs a block pair on the log-sum-exp alone).
+        # pos < N, as a constant True where blocks of BLOCK tile N exactly: the masks of the loads and the
+        # key selects that take it fold away (in the dk/dv loop, 32 FSELs a block pair on the scores and
+        # 16 on the log-sum-exp).
         ok = pos < N
         if N % BLOCK == 0:
             ok = tl.full(pos.shape, True, tl.int1)
@@ -107,8 +108,7 @@ if triton is not None:
             k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
             v = _head_tile(v_ptr, base, cols, col_ok, s_s, d)
             p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            if KEY_MASK or S_K % BLOCK_N != 0:  # a select per score only where a key can be invalid
-                p = tl.where(_valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)[None, :], p, 0.0)
+            p = tl.where(_valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)[None, :], p, 0.0)
             dp = tl.dot(do, tl.trans(v))  # d(P ⊙ Z)
             if DROPOUT:  # dP = d(P ⊙ Z) ⊙ Z, the scale folded into the subtraction (one FFMA)
                 dp = zero_dropped(dp, drop_tile(bits, n_rows, rows, start_n, row_ok, BLOCK_M, BLOCK_N, WORDS))
@@ -150,8 +150,7 @@ if triton is not None:
             lse = tl.load(lse_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_ptr + bh.to(tl.int64) * S_Q + rows, mask=row_ok, other=0.0)
             pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # [keys, queries]
-            if KEY_MASK or S_K % BLOCK_N != 0:
-                pt = tl.where(valid[:, None], pt, 0.0)
+            pt = tl.where(valid[:, None], pt, 0.0)
             dpt = tl.dot(v, tl.trans(do))  # d(P ⊙ Z)ᵀ
             if DROPOUT:
                 drop = drop_tile_t(bits, n_rows, rows, pid_n * BLOCK_N, row_ok, BLOCK_M, BLOCK_N, WORDS)

@@ -86,12 +86,10 @@ if triton is not None:
             k = _head_tile(k_ptr, base, cols, col_ok, s_s, d)
             # At head size 64 the instructions per score set this loop's time as much as the matrix
             # products (bench/NOTES.md, session 14): the scale rides on the exponent's FFMA (the max of
-            # raw scores, scaled once per row), the key select is compiled in only where a key can be
-            # invalid, and the dropout select stays in fp32 (zero_dropped).
+            # raw scores, scaled once per row), the key select folds away where every key is valid
+            # (_in_range), and the dropout select stays in fp32 (zero_dropped).
             s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], raw
-            if KEY_MASK or S_K % BLOCK_N != 0:
-                valid = _valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)
-                s = tl.where(valid[None, :], s, float("-inf"))
+            s = tl.where(_valid_keys(kv_ptr, b, cols, col_ok, S_K, KEY_MASK)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # log2 units
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
             alpha = tl.exp2(m_i - m_use)

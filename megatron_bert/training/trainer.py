@@ -37,6 +37,7 @@ from .faults import TrainingStopped  # noqa: F401 (train.py names it from this m
 from .metrics import MetricsWriter, Throughput, flops_per_sequence, peak_flops
 from .optim import LossScaler, LRSchedule, MasterWeightsOptimizer, build_optimizer, step_if_finite, use_flat_adamw
 
+
 def _to_host(values: dict) -> dict:
     """Device scalars → Python floats with one synchronisation; other values pass through."""
     keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
