@@ -334,6 +334,15 @@ def check_residual_norm(shape: tuple, p: float, salt: int, seed: int, grad_h: bo
     kept = keep.float().mean().item()
     if p == 0 and not bool(keep.all()) or p > 0 and abs(kept - (1 - p)) > 5 * (p * (1 - p) / keep.numel()) ** 0.5:
         raise SystemExit(f"FAIL residual_norm {shape} p={p}: kept {kept:.4f}")
+    # elements drawn by one Philox call (a quarter of the tile apart) or side by side agree as
+    # independent draws do, p² + (1 - p)² of the time (a word used twice would agree always)
+    flat, q, agree = keep.reshape(-1, n), max(1 << (n - 1).bit_length() >> 2, 1), p * p + (1 - p) ** 2
+    for d in sorted({1, q, 2 * q}):
+        if 0 < p < 1 and d < n:
+            same = (flat[:, d:] == flat[:, :-d]).double()
+            if abs(same.mean().item() - agree) > 5 * (agree * (1 - agree) / same.numel()) ** 0.5:
+                raise SystemExit(f"FAIL residual_norm {shape} p={p}: masks {d} columns apart agree at "
+                                 f"{same.mean().item():.4f}, independent draws at {agree:.4f}")
     torch.autograd.backward((normed, h) if grad_h else (normed,), (dln, dh) if grad_h else (dln,))
     ln64.backward(dln.double())
     want_dres = h64.grad + (dh.double() if grad_h else 0.0)
@@ -515,14 +524,17 @@ def compile_sm90() -> None:
         print(f"OK compile sm90: {kernel.fn.__name__} {consts}: {len(k.asm['cubin'])} bytes of cubin")
         return k
 
-    def fp32_selects(k, name: str) -> None:
-        # The dropout selects stay in fp32 (drop_mask_kernels.zero_dropped): a select moved past the bf16
-        # cast shows as PRMTs (halves taken out of and put back into packed pairs), ~40 a loop, none otherwise.
+    def disassemble(k) -> str:
         nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"])
             f.flush()
-            sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+            return subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+    def fp32_selects(k, name: str) -> None:
+        # The dropout selects stay in fp32 (drop_mask_kernels.zero_dropped): a select moved past the bf16
+        # cast shows as PRMTs (halves taken out of and put back into packed pairs), ~40 a loop, none otherwise.
+        sass = disassemble(k)
         if " PRMT " in sass:
             raise SystemExit(f"FAIL: {name}'s dropout select runs on packed bf16 halves "
                              f"({sass.count(' PRMT ')} PRMTs in its sm90 SASS)")
@@ -551,7 +563,11 @@ def compile_sm90() -> None:
     at = {**bf, "o_ptr": "*bf16", "do_ptr": "*bf16", "dq_ptr": "*bf16", "dk_ptr": "*bf16", "dv_ptr": "*bf16",
           "lse_ptr": "*fp32", "delta_ptr": "*fp32", "bits_ptr": "*i32", "kv_ptr": "*i1", "db_ptr": "*fp32",
           "seed_ptr": "*i64", "qk_scale": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "inv_log_keep": "fp32"}
-    build(drop_mask_kernels._drop_bits_kernel.fn, at, {"S_K": 512, "WORDS": 16, "ROWS": 32}, 1)
+    k = build(drop_mask_kernels._drop_bits_kernel.fn, at, {"S_K": 512, "WORDS": 16, "ROWS": 32}, 1)
+    lg2 = disassemble(k).count("MUFU.LG2")
+    if lg2 != 4:  # one per Philox word of the loop (drop_mask_kernels.fast_log2)
+        raise SystemExit(f"FAIL: _drop_bits_kernel takes {lg2} SFU logarithms a loop, not 4 (a software log2?)")
+    print("OK compile sm90: _drop_bits_kernel's logarithms on the SFU (4 MUFU.LG2)")
     strides = ("s_s", "s_b", "s_h", "o_s", "o_b", "o_h", "n_rows")
     bk = attention_backward_kernels
     for drop, masked in ((True, False), (False, True)):

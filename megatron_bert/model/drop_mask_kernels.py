@@ -5,11 +5,12 @@ probability that cuDNN draws. ``drop_bits`` draws, for each query row, the gaps 
 (``gap = ⌊log U / log(1 − p)⌋``, one 32-bit uniform per *drop*, ~p·s_k per row) into a bit mask,
 word-major ``[⌈s_k/32⌉, rows]`` (a warp's rows advance at about the same pace, so its stores land in a
 few lines). Each position is then dropped independently with probability ``p`` up to the float32
-rounding of ``U`` and of the logarithm (~1e-7), as with torch's own dropout. ``drop_tile`` / ``drop_tile_t``
+rounding of ``U`` and the error of the SFU's logarithm (2^-22.6 absolute for U in [0.5, 1], 2 ulp below:
+a gap lands on its neighbour in a few of 10^6 draws). ``drop_tile`` / ``drop_tile_t``
 expand a tile's words into the [queries, keys] / [keys, queries] drop tiles of attention_kernels.py,
 ``zero_dropped`` zeroes the dropped elements of an fp32 tile.
-On H200 the draw takes ~56 µs for 262k rows of 512 keys (b · heads · s of BERT-345M at seq 512 /
-batch 32) whatever its launch shape (bench/NOTES.md, sessions 9 and 12).
+On H200 the draw takes ~39 µs for 262k rows of 512 keys (b · heads · s of BERT-345M at seq 512 /
+batch 32; 56 µs with tl.log2's software logarithm: bench/NOTES.md, sessions 9, 12 and 15).
 """
 from __future__ import annotations
 
@@ -22,12 +23,27 @@ from ..triton_support import tl, triton, tuned
 
 if triton is not None:
 
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter runs no PTX
+
+        @triton.jit
+        def fast_log2(x):
+            return tl.log2(x)
+    else:
+
+        @triton.jit
+        def fast_log2(x):
+            # The SFU's log2 (MUFU.LG2; absolute error <= 2^-22.6 on [0.5, 2], 2 ulp elsewhere). tl.log2
+            # compiles to libdevice's accurate polynomial: ~25 more instructions a drop, 56 -> 39 µs a mask.
+            return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+
     @triton.jit
     def _drop_step(rand, pos, word, bits, out, n_rows, inv_log_keep, S_K: tl.constexpr):
         # One geometric gap from one Philox word: the next dropped key of each row.
         # inv_log_keep = 1 / log2(1 - p); U = (r + 1/2) / 2^32 in (0, 1]
         u = rand.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
-        gap = tl.minimum(tl.floor(tl.log2(u) * inv_log_keep), S_K)  # log U / log(1 - p) >= 0
+        # log U / log(1 - p) >= 0; the approximate log2 can come out a hair above 0 for U next to 1
+        gap = tl.minimum(tl.maximum(tl.floor(fast_log2(u) * inv_log_keep), 0.0), S_K)
         pos = tl.minimum(pos + 1 + gap.to(tl.int32), S_K)
         new_word = pos >> 5
         moved = new_word != word
