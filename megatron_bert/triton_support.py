@@ -5,7 +5,8 @@
 ``switch`` (an environment variable) whether the user left them on: ``switch=0`` turns them off for
 A/B runs. ``column_sum`` adds per-block partial sums, the second half of the bias-grad reductions
 that the GeLU and QKV backward kernels fold into their passes. ``tuned`` is ``triton.autotune`` that
-keeps one candidate in Triton's interpreter (which cannot time them).
+keeps one candidate in Triton's interpreter (which cannot time them). ``PTX`` (a constexpr) says
+whether kernels may use inline PTX: not in the interpreter (the CPU checks), not on ROCm.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def usable(switch: str | None = None) -> bool:
         return False
     return switch is None or os.environ.get(switch, "1") != "0"
 
+
+PTX = None if triton is None else tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1"
+                                               and torch.version.hip is None)
 
 if triton is not None:
 

@@ -6,8 +6,9 @@ BERT-345M at seq 512 / batch 32 on H200 without dropout, 209 µs with it (bench/
 A Bernoulli(p) drop needs ~0.47 bits of entropy per element, not 32: the dropped positions of each
 query row are drawn as geometric gaps by a small kernel that writes a bit mask (drop_mask_kernels.py:
 ``drop_bits``, exact up to float32 rounding and the SFU logarithm's error, ~1e-6); the attention
-kernels read one bit per probability. The mask is a pure function of ``(seed, salt)``; the forward returns it for the backward
-(16.8 MB per layer of BERT-345M at seq 512 / batch 32: drawing it again cost more time than keeping it).
+kernels read one bit per probability. The mask is a pure function of ``(seed, salt)``; the forward
+returns it for the backward (16.8 MB per layer of BERT-345M at seq 512 / batch 32: drawing it again
+cost more time than keeping it).
 
 The kernels read q, k, v straight from the QKV projection's output ``[s, b, heads · 3 · head_dim]``
 (per-head ``[q | k | v]``, as qkv_kernels.py), write the context as ``[s, b, heads · head_dim]`` (the

@@ -15,27 +15,22 @@ batch 32; 56 µs with tl.log2's software logarithm: bench/NOTES.md, sessions 9, 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from ..triton_support import tl, triton, tuned
+from ..triton_support import PTX, tl, triton, tuned
 
 if triton is not None:
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter runs no PTX
-
-        @triton.jit
-        def fast_log2(x):
-            return tl.log2(x)
-    else:
-
-        @triton.jit
-        def fast_log2(x):
-            # The SFU's log2 (MUFU.LG2; absolute error <= 2^-22.6 on [0.5, 2], 2 ulp elsewhere). tl.log2
-            # compiles to libdevice's accurate polynomial: ~25 more instructions a drop, 56 -> 39 µs a mask.
+    @triton.jit
+    def fast_log2(x):
+        # The SFU's log2 (MUFU.LG2; absolute error <= 2^-22.6 on [0.5, 2], 2 ulp elsewhere). tl.log2
+        # compiles to libdevice's accurate polynomial: ~25 more instructions a drop, 56 -> 39 µs a mask.
+        if PTX:
             return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                              is_pure=True, pack=1)
+        else:
+            return tl.log2(x)
 
     @triton.jit
     def _drop_step(rand, pos, word, bits, out, n_rows, inv_log_keep, S_K: tl.constexpr):
@@ -110,21 +105,17 @@ if triton is not None:
         bit = w[:, None, :] & (1 << tl.arange(0, 32))[None, :, None]
         return tl.reshape(bit, [BLOCK_N, BLOCK_M])
 
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter runs no PTX: the same select
-
-        @triton.jit
-        def zero_dropped(x, drop):
-            return tl.where(drop == 0, x, 0.0)
-    else:
-
-        @triton.jit
-        def zero_dropped(x, drop):
-            # fp32 x where drop == 0, else 0, selected in fp32. Written as tl.where followed by a cast
-            # to bf16, LLVM moved the select past the cast onto packed bf16 pairs: two PRMTs and an
-            # integer SEL per element where an FSEL does (sm90 SASS, bench/NOTES.md session 14).
+    @triton.jit
+    def zero_dropped(x, drop):
+        # fp32 x where drop == 0, else 0, selected in fp32. Written as tl.where followed by a cast to
+        # bf16, LLVM moved the select past the cast onto packed bf16 pairs: two PRMTs and an integer
+        # SEL per element where an FSEL does (sm90 SASS, bench/NOTES.md session 14).
+        if PTX:
             return tl.inline_asm_elementwise(
                 "{ .reg .pred d; setp.ne.b32 d, $2, 0; selp.f32 $0, 0f00000000, $1, d; }",
                 "=f,f,r", [x, drop], dtype=tl.float32, is_pure=True, pack=1)
+        else:  # the interpreter and ROCm: the same select
+            return tl.where(drop == 0, x, 0.0)
 
 
 def mask_words(s_k: int) -> int:

@@ -20,11 +20,9 @@ up to 1e-3 of Φ there to cancellation), far below bf16's 4e-3 rounding step.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..triton_support import column_sum, tl, triton, usable
+from ..triton_support import PTX, column_sum, tl, triton, usable
 
 # Q(t) = log2(erfcx(u) / t), t^0 first, for t = 1 / (1 + P·u): tools/fit_gelu_cdf.py --p 0.5 --degree 9
 CDF_P = 0.5
@@ -38,8 +36,6 @@ def available() -> bool:
 
 
 if triton is not None:
-    # PTX inline assembly needs an NVIDIA target: not the Triton interpreter (the CPU checks), not ROCm
-    _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.version.hip is None)
     _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
     _HALF_LOG2E = tl.constexpr(0.5 * 1.4426950408889634)  # z²/2 · log2(e) = u² · log2(e)
     _P_OVER_SQRT2 = tl.constexpr(CDF_P * 0.7071067811865476)
@@ -50,7 +46,7 @@ if triton is not None:
         # Φ(z) and φ(z) of fp32 z (module docstring); the forward drops the unused φ.
         u2 = z * z * _HALF_LOG2E
         d = 1.0 + _P_OVER_SQRT2 * tl.abs(z)  # in [1, inf]: no range scaling needed
-        if _PTX:  # one MUFU.RCP where `/` is div.full (range checks and scaling, ~6 instructions)
+        if PTX:  # one MUFU.RCP where `/` is div.full (range checks and scaling, ~6 instructions)
             t = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32,
                                           is_pure=True, pack=1)
         else:

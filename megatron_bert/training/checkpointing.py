@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
+                          save_checkpoint)
 from ..checkpoint.manager import agree
 from . import faults
 from .faults import TrainingStopped
@@ -51,8 +52,6 @@ class CheckpointingMixin:
             self.log(f"initialised from pretrained weights {ckpt} (new parameters keep their fresh init)")
 
     def _check_architecture(self, path) -> None:
-        from ..checkpoint import read_meta, resolve_checkpoint
-
         saved = read_meta(resolve_checkpoint(path)).get("model", {})
         mine = self.model_cfg.to_dict()
         diff = [f"{k}: checkpoint {saved.get(k)} vs config {mine[k]}" for k in ARCH_KEYS if saved.get(k) != mine[k]]
