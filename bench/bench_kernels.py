@@ -6,6 +6,7 @@ LayerNorm, fused AdamW. Prints ``KERNEL {json}`` lines (median of CUDA-event tim
     python bench/bench_kernels.py --gelu        # our bias + GeLU kernels (both ways) against torch's
     python bench/bench_kernels.py --residual-norm  # the fused epilogue + LayerNorm against the separate kernels
     python bench/bench_kernels.py --gemm-backends  # the layer's 12 GEMMs: cuBLAS, cuBLASLt, Inductor max-autotune
+    python bench/bench_kernels.py --embedding   # the word embeddings' backward: ours against torch's
 """
 from __future__ import annotations
 
@@ -61,7 +62,11 @@ def main():
     p.add_argument("--gemm-backends", action="store_true",
                    help="only the layer's GEMMs, under cuBLAS, cuBLASLt and Inductor's max-autotune")
     p.add_argument("--no-autotune", action="store_true", help="with --gemm-backends: the two BLAS libraries only")
+    p.add_argument("--embedding", action="store_true", help="only the word embeddings' backward, ours and torch's")
+    p.add_argument("--vocab", type=int, default=30592)
     a = p.parse_args()
+    if a.embedding:
+        return embedding_backward_timing(a.seq * a.batch, a.hidden, a.vocab)
     if a.gemm_backends:
         return gemm_backends(a.seq * a.batch, a.hidden, autotune=not a.no_autotune)
     if a.residual_norm:
@@ -243,6 +248,79 @@ def residual_norm_timing(rows: int, n: int, calls: int = 20) -> None:
         out, _ = dk.bias_dropout_add(y, b, r, seed, 0.1, 0)
         return lk.layer_norm_with_stats(out, w, nb, 1e-5)
     report("separate_epilogue_and_layernorm_fwd", timed(many(separate)) / calls, nbytes=11 * elems)
+
+
+def bert_like_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """``n`` token ids shaped like masked BERT batches: Zipf-distributed words (exponent 1.1), 12%
+    [MASK] (id 103), a [CLS] and two [SEP]s per 512 tokens: the long segments of the backward."""
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.arange(1, vocab - 1000 + 1, dtype=torch.float64)
+    words = 1000 + torch.multinomial(rank ** -1.1, n, replacement=True, generator=g)
+    ids = torch.where(torch.rand(n, generator=g) < 0.12, 103, words)
+    ids[::512], ids[255::512], ids[511::512] = 101, 102, 102
+    return ids
+
+
+def graphed_ms(fn, calls: int = 20, stream: torch.cuda.Stream | None = None) -> float:
+    """Milliseconds per call of ``fn`` replayed ``calls`` times from one CUDA graph: the GPU time as in
+    the graphed training step, without the CPU launch cost that bounds a chain of small kernels
+    launched eagerly (bench/NOTES.md, session 16). ``stream``: where to warm up and capture (for an
+    autograd backward, the stream its forward ran on)."""
+    side = stream or torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay) / calls
+
+
+def embedding_backward_timing(n: int, h: int, vocab: int) -> None:
+    """The word embeddings' backward at ``n`` tokens, graphed: embedding_kernels.segment_sums (sort, zero
+    fill, two kernels; each piece alone too) against torch's (F.embedding's autograd); ours checked
+    against torch's to an ulp first."""
+    from megatron_bert.model import embedding_kernels as ek
+
+    dev, dt = "cuda", torch.bfloat16
+    ids = bert_like_ids(n, vocab).to(dev)
+    grad = torch.randn(n, h, device=dev, dtype=dt)
+    w = torch.zeros(vocab, h, device=dev, dtype=dt, requires_grad=True)
+    autograd_stream = torch.cuda.Stream()  # the backward runs where the forward did: not the legacy stream
+    autograd_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(autograd_stream):
+        out = F.embedding(ids, w)
+    torch.cuda.current_stream().wait_stream(autograd_stream)
+
+    def torch_backward():
+        return torch.autograd.grad(out, w, grad, retain_graph=True)[0]
+    ours, ref = ek.segment_sums(ids, grad, vocab), torch_backward()
+    ulp = ref.float().abs() * 2.0 ** -7 + 1e-3
+    assert bool(((ours.float() - ref.float()).abs() <= ulp).all()), "segment_sums is not torch's embedding backward"
+    nbytes = 2 * n * h + 2 * vocab * h
+    report("embedding_bwd_ours", graphed_ms(lambda: ek.segment_sums(ids, grad, vocab)), nbytes=nbytes, tokens=n,
+           hidden=h, vocab=vocab, mask_run=int((ids == 103).sum()), graphed=True)
+    report("embedding_bwd_torch", graphed_ms(torch_backward, stream=autograd_stream), nbytes=nbytes, graphed=True)
+    ek.NARROW_KEYS = False
+    report("embedding_bwd_ours_int32_keys", graphed_ms(lambda: ek.segment_sums(ids, grad, vocab)), nbytes=nbytes)
+    ek.NARROW_KEYS = True
+    for key in (torch.int16, torch.int32):
+        keys = ids.to(key)
+        report(f"embedding_bwd_sort_only_{str(key)[6:]}", graphed_ms(lambda: torch.sort(keys, stable=True)))
+    report("embedding_bwd_zero_fill_only", graphed_ms(lambda: torch.zeros(vocab, h, device=dev, dtype=dt)),
+           nbytes=2 * vocab * h)
+    sorted_ids, perm = torch.sort(ids.to(torch.int16), stable=True)
+    chunks = -(-n // ek.CHUNK)
+    heads, tails = (torch.empty(chunks, h, device=dev) for _ in range(2))
+    grid = (chunks, -(-h // ek.BLOCK_H))
+    report("embedding_bwd_chunk_kernel_only", graphed_ms(lambda: ek._chunk_sums_kernel[grid](
+        sorted_ids, perm, grad, ours, heads, tails, n, h, CHUNK=ek.CHUNK, BLOCK_H=ek.BLOCK_H, num_warps=ek.NUM_WARPS)))
+    report("embedding_bwd_carry_kernel_only", graphed_ms(lambda: ek._carry_kernel[grid](
+        sorted_ids, ours, heads, tails, n, h, CHUNK=ek.CHUNK, BLOCK_H=ek.BLOCK_H, AHEAD=ek.CARRY_AHEAD,
+        num_warps=ek.NUM_WARPS)))
 
 
 def gemm_backends(t: int, h: int, calls: int = 10, autotune: bool = True) -> None:

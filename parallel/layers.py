@@ -6,6 +6,8 @@ dims. With ``sequence_parallel`` the input of a column-parallel layer is the seq
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,7 +179,8 @@ class VocabParallelEmbedding(nn.Module):
 
     Each rank looks up the ids that fall in its range, zeros the rest, and the partial results
     are summed across TP (``reduce_output=False`` leaves that to the caller, e.g. to reduce-scatter
-    straight into a sequence-parallel region).
+    straight into a sequence-parallel region). ``lookup(ids, weight)`` is the table lookup itself:
+    ``F.embedding`` unless the caller has one with another backward (the same values).
     """
 
     def __init__(
@@ -189,8 +192,10 @@ class VocabParallelEmbedding(nn.Module):
         init_method: InitMethod,
         reduce_output: bool = True,
         dtype: torch.dtype = torch.float32,
+        lookup: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.embedding,
     ):
         super().__init__()
+        self.lookup = lookup
         check_divisible(num_embeddings, ps.tp_size, "vocabulary size",
                         "pad the vocabulary to a multiple of parallel.tensor")
         self.ps = ps
@@ -205,10 +210,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.ps.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            return self.lookup(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = self.lookup(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.ps.tp_group) if self.reduce_output else out
 
     def extra_repr(self) -> str:

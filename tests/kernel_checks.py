@@ -1,6 +1,7 @@
 """Checks of the model's Triton kernels (bias + GeLU with its bias-grad column sum, the QKV gradient
 pack, the bias + dropout + residual epilogue, the epilogue + LayerNorm kernels and the encoder's path on
-them, the attention kernels and the attention layer on them at TP=2) that need Triton but no GPU. Run by tests/test_kernels.py when MEGATRON_BERT_TEST_TRITON=1, or:
+them, the attention kernels and the attention layer on them at TP=2, the word embeddings' backward) that
+need Triton but no GPU. Run by tests/test_kernels.py when MEGATRON_BERT_TEST_TRITON=1, or:
 
     TRITON_INTERPRET=1 python tests/kernel_checks.py interpret   # against float64 / torch references
     python tests/kernel_checks.py compile                        # compiles each kernel for sm90
@@ -20,8 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from megatron_bert import triton_support  # noqa: E402
 from megatron_bert.model import (attention_backward_kernels, attention_kernels, drop_mask_kernels,  # noqa: E402
-                                 dropout_kernels, gelu_kernels, layernorm_kernels, qkv_kernels,
-                                 residual_norm_kernels)
+                                 dropout_kernels, embedding_kernels, gelu_kernels, layernorm_kernels,
+                                 qkv_kernels, residual_norm_kernels)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -476,6 +477,53 @@ def check_attention_tp() -> None:
           f"{worst:.1e} of TP=1's SDPA path, each rank's dropout mask drop_bits(seed, salt=TP rank)")
 
 
+def embedding_grad_errors(ids: torch.Tensor, rows: int, hidden: int, dtype: torch.dtype, seed: int) -> str:
+    """What is wrong with embedding_kernels.segment_sums for ``ids`` (on their device) against a float64
+    index_add ('' if nothing): each row within an ulp of its dtype (plus fp32 rounding) of the exact
+    sum, rows of absent ids exactly 0, the same bits twice."""
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(ids.numel(), hidden, generator=g).to(dtype).to(ids.device)
+    ours = embedding_kernels.segment_sums(ids, grad, rows)
+    ref = torch.zeros(rows, hidden, dtype=torch.float64).index_add_(0, ids.cpu(), grad.cpu().double())
+    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}[dtype]
+    absent = torch.ones(rows, dtype=torch.bool)
+    absent[ids.cpu()] = False
+    err = (ours.cpu().double() - ref).abs()
+    bound = ref.abs() * ulp + 1e-6 * grad.cpu().double().abs().max() * ids.numel() ** 0.5
+    if ours.dtype != dtype or not bool((err <= bound).all()):
+        return f"{int((err > bound).sum())} elements off the float64 sums (worst {err.max().item():.2e})"
+    if bool(ours.cpu()[absent].any()):
+        return "rows of ids that do not occur are not zero"
+    if not torch.equal(ours, embedding_kernels.segment_sums(ids, grad, rows)):
+        return "a second run gave other bits"
+    return ""
+
+
+def check_embedding_grad() -> None:
+    c = embedding_kernels.CHUNK
+    g = torch.Generator().manual_seed(20)
+    cases = {  # ids [n] -> what they exercise
+        "a run over four chunks and cut ones":
+            torch.cat([torch.full((4 * c + 5,), 7), torch.randint(0, 50, (3 * c,), generator=g)]),
+        "a run over more chunks than the carry pass reads at once":
+            torch.cat([torch.full((c * (2 * embedding_kernels.CARRY_AHEAD + 3) + 9,), 4),
+                       torch.randint(5, 90, (c,), generator=g)]),
+        "runs on chunk boundaries": torch.arange(4 * c) // (c // 2),
+        "one id everywhere, a ragged last chunk": torch.full((2 * c + 3,), 3),
+        "fewer tokens than a chunk": torch.randint(0, 9, (c // 2 + 1,), generator=g),
+        "shuffled, a [MASK]-like frequent id": torch.where(torch.rand(6 * c, generator=g) < 0.3, 5,
+                                                           torch.randint(0, 200, (6 * c,), generator=g)),
+    }
+    for i, (what, ids) in enumerate(cases.items()):
+        # (bf16 on the GPU only: the interpreter's dot multiplies bf16 bit patterns as integers)
+        for hidden, dtype in ((160, torch.float32), (128, torch.float16)):  # 160: a part-filled column block
+            wrong = embedding_grad_errors(ids, 211, hidden, dtype, i)
+            if wrong:
+                raise SystemExit(f"FAIL embedding grad ({what}, h={hidden}, {dtype}): {wrong}")
+    print(f"OK interpret embedding grad segment sums: {len(cases)} id patterns x fp32/fp16 within an ulp "
+          f"of float64, absent rows zero, the same bits twice")
+
+
 def interpret() -> None:
     # The interpreter cannot time autotune candidates: keep one tile shape of each kernel.
     walk = gelu_kernels._fwd_kernel.configs[-1]  # the forward's row walk (its first config is one-shot)
@@ -508,6 +556,7 @@ def interpret() -> None:
     check_attention_mask(2048, 512, 0.1, 16)
     check_attention_mask(2048, 96, 0.5, 17)        # a row of three words
     check_attention_tp()
+    check_embedding_grad()
 
 
 def compile_sm90() -> None:
@@ -582,6 +631,12 @@ def compile_sm90() -> None:
             k = build(bk._bwd_dkdv_kernel.fn, at, {**c, "BIAS_GRAD": True, **cfg.kwargs}, cfg.num_warps, strides)
             if drop and i == 0:
                 fp32_selects(k, "_bwd_dkdv_kernel")
+    ek = embedding_kernels
+    emb = {"ids_ptr": "*i32", "perm_ptr": "*i64", "grad_ptr": "*bf16", "out_ptr": "*bf16", "heads_ptr": "*fp32",
+           "tails_ptr": "*fp32"}
+    build(ek._chunk_sums_kernel, emb, {"CHUNK": ek.CHUNK, "BLOCK_H": ek.BLOCK_H}, ek.NUM_WARPS, ("hidden",))
+    build(ek._carry_kernel, emb, {"CHUNK": ek.CHUNK, "BLOCK_H": ek.BLOCK_H, "AHEAD": ek.CARRY_AHEAD}, ek.NUM_WARPS,
+          ("hidden",))
 
 if __name__ == "__main__":
     {"interpret": interpret, "compile": compile_sm90}[sys.argv[1]]()

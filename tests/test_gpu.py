@@ -4,8 +4,8 @@ kernels, the fused QKV projection, our attention kernels and their dropout mask,
 cross-entropy, a graphed bf16 run with async checkpoints resumed mid-way, the Triton dropout
 keep-mask (alone) and residual epilogue (in a compiled layer), the residual epilogue + LayerNorm
 kernels and the encoder path on them (its last layer pruned too), pruned-last-layer steps against
-full ones, compiled graphed steps against eager ones (bf16 grads read in place), and a compiled run
-restarted on a warm Inductor cache. The flat AdamW's GPU tests are in
+full ones, compiled graphed steps against eager ones (bf16 grads read in place), a compiled run
+restarted on a warm Inductor cache, and the word embeddings' Triton backward. The flat AdamW's GPU tests are in
 test_gpu_flat_adamw.py."""
 import json
 import subprocess
@@ -438,3 +438,45 @@ def test_triton_attention_is_as_accurate_as_cudnn_and_its_mask_is_bernoulli():
         results.append([y, xt.grad] + [prm.grad for prm in layer.attention.parameters()])
     for i, (a, c) in enumerate(zip(*results)):
         assert rel(a, c.double()) < 2e-2, (i, rel(a, c.double()))
+
+
+@needs_cuda
+def test_triton_embedding_grad_is_the_exact_sum_rounded_and_the_model_uses_it():
+    """The word embeddings' backward (embedding_kernels.segment_sums) at the 345M shape on BERT-like ids
+    (a [MASK] run of ~2000 tokens across ~30 chunks) in bf16, and ragged shapes in fp16 / fp32: within
+    an ulp of the float64 sums (and at 345M of torch's own backward), absent rows zero, the same bits
+    twice; the model's word embeddings take it."""
+    import kernel_checks
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_kernels import bert_like_ids
+
+    from megatron_bert.model import embedding_kernels
+
+    assert embedding_kernels.available()
+    ids = bert_like_ids(512 * 32, 30592).cuda()
+    wrong = kernel_checks.embedding_grad_errors(ids, 30592, 1024, torch.bfloat16, 0)
+    assert not wrong, wrong
+    # torch's own backward on the same grads is within an ulp too (in fp16 it is not: 2e-2 off at 1000 tokens)
+    grad = torch.randn(ids.numel(), 1024, generator=torch.Generator().manual_seed(0)).bfloat16().cuda()
+    w = torch.zeros(30592, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.nn.functional.embedding(ids, w).backward(grad)
+    ours = embedding_kernels.segment_sums(ids, grad, 30592).float()
+    assert ((ours - w.grad.float()).abs() <= w.grad.float().abs() * 2 ** -7 + 1e-3).all()
+    for n, h, dtype in ((1000, 200, torch.float16), (77, 96, torch.float32)):
+        ids = torch.randint(0, 50, (n,), device="cuda")
+        wrong = kernel_checks.embedding_grad_errors(ids, 61, h, dtype, 1)
+        assert not wrong, (n, h, dtype, wrong)
+    w = torch.randn(50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 50, (40, 3), device="cuda")
+    grad = torch.randn(40, 3, 64, device="cuda", dtype=torch.bfloat16)
+    embedding_kernels.embedding(ids, w).backward(grad)
+    ref = torch.zeros(50, 64, dtype=torch.float64).index_add_(0, ids.flatten().cpu(),
+                                                              grad.reshape(-1, 64).double().cpu())
+    assert ((w.grad.double().cpu() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all()
+    from megatron_bert.config import ModelConfig
+    from megatron_bert.model.bert import MegatronBertModel
+    from parallel import ParallelState
+
+    model = MegatronBertModel(ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=2, vocab_size=100),
+                              ParallelState.single(torch.device("cuda", 0)))
+    assert model.embeddings.word_embeddings.lookup is embedding_kernels.embedding

@@ -19,6 +19,7 @@ from parallel.random import RNGTracker, seed_everything
 
 from ..config import ModelConfig, ModelConfigError, ModelRuntime
 from .dropout import SITE_EMBEDDINGS, DropoutContext
+from .embedding_kernels import embedding
 from .transformer import TransformerEncoder, row_index, take_rows
 
 
@@ -58,8 +59,9 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, init: InitMethod):
         super().__init__()
         self.cfg, self.rt, self.ps = cfg, rt, ps
-        self.word_embeddings = VocabParallelEmbedding(
-            cfg.padded_vocab_size, cfg.hidden_size, ps, init_method=init, reduce_output=False)
+        # (the lookup's backward: sorted segment sums in Triton on GPU, embedding_kernels.py)
+        self.word_embeddings = VocabParallelEmbedding(cfg.padded_vocab_size, cfg.hidden_size, ps, init_method=init,
+                                                      reduce_output=False, lookup=embedding)
         sp = rt.sequence_parallel and ps.tp_size > 1
         self.position_embeddings = replicated_embedding(cfg.max_position_embeddings, cfg.hidden_size, init, ps.device, sp)
         self.token_type_embeddings = replicated_embedding(cfg.type_vocab_size, cfg.hidden_size, init, ps.device, sp)
