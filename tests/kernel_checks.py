@@ -632,7 +632,7 @@ def compile_sm90() -> None:
             if drop and i == 0:
                 fp32_selects(k, "_bwd_dkdv_kernel")
     ek = embedding_kernels
-    emb = {"ids_ptr": "*i32", "perm_ptr": "*i64", "grad_ptr": "*bf16", "out_ptr": "*bf16", "heads_ptr": "*fp32",
+    emb = {"ids_ptr": "*i16", "perm_ptr": "*i64", "grad_ptr": "*bf16", "out_ptr": "*bf16", "heads_ptr": "*fp32",
            "tails_ptr": "*fp32"}
     build(ek._chunk_sums_kernel, emb, {"CHUNK": ek.CHUNK, "BLOCK_H": ek.BLOCK_H}, ek.NUM_WARPS, ("hidden",))
     build(ek._carry_kernel, emb, {"CHUNK": ek.CHUNK, "BLOCK_H": ek.BLOCK_H, "AHEAD": ek.CARRY_AHEAD}, ek.NUM_WARPS,

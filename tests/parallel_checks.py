@@ -171,6 +171,19 @@ def check_embedding(ps: ParallelState):
     (out * upstream).sum().backward()
     (out_ref * upstream).sum().backward()
     _close("embedding dW", emb.weight.grad, shard_of(ref.weight.grad, 0, ps.tp_rank, ps.tp_size))
+    # a caller's own lookup (the model passes one with a Triton backward) serves this rank's local ids
+    looked_up = []
+
+    def one_hot_lookup(local_ids, weight):
+        looked_up.append(int(local_ids.max()))
+        return F.one_hot(local_ids, weight.shape[0]).to(weight.dtype) @ weight  # backward: a GEMM
+
+    own = VocabParallelEmbedding(vocab, h, ps, init_method=normal_init(1.0, _gen(11)), lookup=one_hot_lookup)
+    out_own = own(ids)
+    _close("embedding fwd, own lookup", out_own, out_ref.detach())
+    (out_own * upstream).sum().backward()
+    _close("embedding dW, own lookup", own.weight.grad, shard_of(ref.weight.grad, 0, ps.tp_rank, ps.tp_size))
+    assert looked_up and looked_up[0] < vocab // ps.tp_size, looked_up
     return "embedding ok"
 
 
