@@ -520,8 +520,13 @@ def check_embedding_grad() -> None:
             wrong = embedding_grad_errors(ids, 211, hidden, dtype, i)
             if wrong:
                 raise SystemExit(f"FAIL embedding grad ({what}, h={hidden}, {dtype}): {wrong}")
-    print(f"OK interpret embedding grad segment sums: {len(cases)} id patterns x fp32/fp16 within an ulp "
-          f"of float64, absent rows zero, the same bits twice")
+    # a table too large for the 16-bit sort keys (ids past 2^15 sorted as int32)
+    ids = torch.where(torch.rand(5 * c, generator=g) < 0.2, 39000, torch.randint(30000, 40000, (5 * c,), generator=g))
+    wrong = embedding_grad_errors(ids, 40000, 32, torch.float32, 9)
+    if wrong:
+        raise SystemExit(f"FAIL embedding grad (a 40000-row table): {wrong}")
+    print(f"OK interpret embedding grad segment sums: {len(cases)} id patterns x fp32/fp16 and a table past "
+          f"16-bit ids within an ulp of float64, absent rows zero, the same bits twice")
 
 
 def interpret() -> None:
