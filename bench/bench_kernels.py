@@ -304,9 +304,6 @@ def embedding_backward_timing(n: int, h: int, vocab: int) -> None:
     report("embedding_bwd_ours", graphed_ms(lambda: ek.segment_sums(ids, grad, vocab)), nbytes=nbytes, tokens=n,
            hidden=h, vocab=vocab, mask_run=int((ids == 103).sum()), graphed=True)
     report("embedding_bwd_torch", graphed_ms(torch_backward, stream=autograd_stream), nbytes=nbytes, graphed=True)
-    ek.NARROW_KEYS = False
-    report("embedding_bwd_ours_int32_keys", graphed_ms(lambda: ek.segment_sums(ids, grad, vocab)), nbytes=nbytes)
-    ek.NARROW_KEYS = True
     for key in (torch.int16, torch.int32):
         keys = ids.to(key)
         report(f"embedding_bwd_sort_only_{str(key)[6:]}", graphed_ms(lambda: torch.sort(keys, stable=True)))

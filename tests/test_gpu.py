@@ -5,8 +5,8 @@ cross-entropy, a graphed bf16 run with async checkpoints resumed mid-way, the Tr
 keep-mask (alone) and residual epilogue (in a compiled layer), the residual epilogue + LayerNorm
 kernels and the encoder path on them (its last layer pruned too), pruned-last-layer steps against
 full ones, compiled graphed steps against eager ones (bf16 grads read in place), a compiled run
-restarted on a warm Inductor cache, and the word embeddings' Triton backward. The flat AdamW's GPU tests are in
-test_gpu_flat_adamw.py."""
+restarted on a warm Inductor cache, and the word embeddings' Triton backward. The flat AdamW's GPU
+tests are in test_gpu_flat_adamw.py."""
 import json
 import subprocess
 import sys
@@ -446,15 +446,15 @@ def test_triton_embedding_grad_is_the_exact_sum_rounded_and_the_model_uses_it():
     (a [MASK] run of ~2000 tokens across ~30 chunks) in bf16, and ragged shapes in fp16 / fp32: within
     an ulp of the float64 sums (and at 345M of torch's own backward), absent rows zero, the same bits
     twice; the model's word embeddings take it."""
-    import kernel_checks
     sys.path.insert(0, str(REPO / "bench"))
     from bench_kernels import bert_like_ids
+    from embedding_checks import embedding_grad_errors
 
     from megatron_bert.model import embedding_kernels
 
     assert embedding_kernels.available()
     ids = bert_like_ids(512 * 32, 30592).cuda()
-    wrong = kernel_checks.embedding_grad_errors(ids, 30592, 1024, torch.bfloat16, 0)
+    wrong = embedding_grad_errors(ids, 30592, 1024, torch.bfloat16, 0)
     assert not wrong, wrong
     # torch's own backward on the same grads is within an ulp too (in fp16 it is not: 2e-2 off at 1000 tokens)
     grad = torch.randn(ids.numel(), 1024, generator=torch.Generator().manual_seed(0)).bfloat16().cuda()
@@ -464,7 +464,7 @@ def test_triton_embedding_grad_is_the_exact_sum_rounded_and_the_model_uses_it():
     assert ((ours - w.grad.float()).abs() <= w.grad.float().abs() * 2 ** -7 + 1e-3).all()
     for n, h, dtype in ((1000, 200, torch.float16), (77, 96, torch.float32)):
         ids = torch.randint(0, 50, (n,), device="cuda")
-        wrong = kernel_checks.embedding_grad_errors(ids, 61, h, dtype, 1)
+        wrong = embedding_grad_errors(ids, 61, h, dtype, 1)
         assert not wrong, (n, h, dtype, wrong)
     w = torch.randn(50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ids = torch.randint(0, 50, (40, 3), device="cuda")

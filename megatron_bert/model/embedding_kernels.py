@@ -32,7 +32,6 @@ CHUNK = 64  # sorted positions per program of pass 1 (the eq tile is CHUNK × CH
 BLOCK_H = 128  # columns per program
 NUM_WARPS = 4
 CARRY_AHEAD = 16  # chunks the carry pass reads at once
-NARROW_KEYS = True  # sort 16-bit ids where they fit (bench_kernels.py --embedding times both)
 
 
 def available() -> bool:
@@ -115,7 +114,7 @@ def segment_sums(ids: torch.Tensor, grad: torch.Tensor, rows: int) -> torch.Tens
     if n == 0:
         return out
     # stable: equal ids keep token order. 16-bit keys where the ids fit: half the radix passes
-    key = torch.int16 if rows <= 2 ** 15 and NARROW_KEYS else torch.int32
+    key = torch.int16 if rows <= 2 ** 15 else torch.int32
     sorted_ids, perm = torch.sort(ids.to(key), stable=True)
     chunks = triton.cdiv(n, CHUNK)
     heads = torch.empty(chunks, hidden, dtype=torch.float32, device=grad.device)  # read only where written
