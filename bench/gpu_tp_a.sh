@@ -10,7 +10,7 @@ A="bench/bench_pretrain.py --model 345m --seq 512 --batch 32 --compile"
 T2="torchrun --standalone --nproc_per_node=2"
 export CUDA_VISIBLE_DEVICES=0,1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$LOG"
-run 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k tp2
+run 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k two_gpus
 run 60 python3 $A --cuda-graph --tag tp1
 run 55 torchrun --standalone --nproc_per_node=1 .bench/anchors.py mcore --batch 32
 run 90 $T2 $A --tp 2 --tag tp2

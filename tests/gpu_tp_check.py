@@ -1,17 +1,24 @@
-"""Run under torchrun on 2 GPUs (see test_gpu.py): TP=2 vs TP=1 in bf16 through the trainer's step,
-eager with keyed dropout, then under train.compile (each layer's halves compiled with the TP
-collectives inside, our attention kernels on each rank's heads) with dropout off."""
+"""Run under torchrun (see test_gpu.py): TP=N vs TP=1 in bf16 through the trainer's step (two
+micro-batches a step), eager with keyed dropout, then under train.compile (each layer's halves
+compiled with the TP collectives inside, our attention kernels on each rank's heads) with dropout off.
+
+``--tp N`` (default 2): N ranks, one TP group. ``--shared-gpu``: every rank on cuda:0 over gloo (NCCL
+refuses two ranks on one device): the GPU code paths at TP=N (kernels on sharded shapes, sequence
+parallel, the vocab-parallel loss, compiled halves with collectives) checked on a one-GPU machine;
+the NCCL run itself needs N GPUs."""
+import argparse
 import json
 import os
 
 import torch
+import torch.distributed as dist
 
 from gpu_steps import run_steps, small_config
 from parallel import ParallelState
 
 
 def losses(tp, ps, compiled=False, steps=5):
-    cfg = small_config(steps, global_batch_size=8, micro_batch_size=8, compile=compiled)
+    cfg = small_config(steps, global_batch_size=8, micro_batch_size=4, compile=compiled)  # grads accumulate
     cfg.parallel.update(tensor=tp, sequence_parallel=tp > 1, dropout_impl="native" if compiled else "keyed")
     if compiled:  # native masks differ with the layout: compare without dropout
         cfg.model.update(hidden_dropout=0.0, attention_dropout=0.0)
@@ -19,11 +26,23 @@ def losses(tp, ps, compiled=False, steps=5):
 
 
 if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--shared-gpu", action="store_true")
+    args = p.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    ps = ParallelState.from_env(2, "cuda")
-    single = ParallelState.single(torch.device("cuda", ps.local_rank))
-    result = {"tp2": losses(2, ps), "tp1": losses(1, single),
-              "tp2_compiled": losses(2, ps, compiled=True), "tp1_compiled": losses(1, single, compiled=True)}
+    if args.shared_gpu:
+        import gloo_cuda_shim
+
+        gloo_cuda_shim.install()
+        torch.cuda.set_device(0)
+        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        ps = ParallelState.from_process_group(args.tp, torch.device("cuda", 0), "gloo", owns=True)
+    else:
+        ps = ParallelState.from_env(args.tp, "cuda")
+    single = ParallelState.single(ps.device)
+    result = {"tp": losses(args.tp, ps), "tp1": losses(1, single),
+              "tp_compiled": losses(args.tp, ps, compiled=True), "tp1_compiled": losses(1, single, compiled=True)}
     if ps.is_main:
         print("RESULT", json.dumps(result), flush=True)
     ps.destroy()
