@@ -2,6 +2,7 @@
 
     python bench/bench_pretrain.py --model 345m --seq 512 --batch 32            # TP=1
     torchrun --nproc_per_node=4 bench/bench_pretrain.py --tp 4 --batch 32 --sp   # TP=4
+    python bench/bench_pretrain.py --tp 4 --fake-tp --sp ...   # one rank of TP=4, no communication
 
 The step is ``Trainer.train_step`` (forward/backward over micro-batches, grad sync, clipping, fused
 AdamW) on synthetic batches already in pinned host memory: 15% of positions are MLM targets (as in
@@ -9,6 +10,11 @@ real BERT data), token types split the sequence, no padding unless ``--pad``. Pr
 with seq/s, TFLOP/s per GPU and MFU (the same FLOPs formula as ../shared/bench/anchors.py: full-
 vocabulary logits and the last layer at every position are counted even though we compute them only
 at the targets and [CLS]: model FLOPs, not the FLOPs run), and peak memory.
+
+``--fake-tp``: one process runs rank 0 of a TP=``--tp`` job on one GPU, over torch's fake process
+group (collectives return at once; ``fake_collectives`` gives the gathers and reduce-scatters
+outputs of the right values' kind). Its step time is one rank's compute and memory traffic at that
+TP, communication taken out: the most that TP can gain before any link is used.
 """
 from __future__ import annotations
 
@@ -30,6 +36,24 @@ from megatron_bert.training.metrics import flops_per_sequence  # noqa: E402
 from megatron_bert.training.pretrain import PretrainTask  # noqa: E402
 from megatron_bert.training.trainer import Trainer  # noqa: E402
 from parallel import ParallelState  # noqa: E402
+
+def fake_collectives() -> None:
+    """Under the fake process group an all-gather or reduce-scatter leaves its output uninitialised
+    (NaNs would stop the step): give them this rank's data instead, a copy of the output's size - the
+    local write that a real collective also makes. All-reduces keep the input (the fake group's own)."""
+    lib = torch.library.Library("_c10d_functional", "IMPL")
+
+    def all_gather(x, group_size, group_name):
+        return x.repeat(group_size, *([1] * (x.dim() - 1)))
+
+    def reduce_scatter(x, op, group_size, group_name):
+        return x[: x.shape[0] // group_size].clone()
+
+    for dev in ("CUDA", "CPU"):
+        lib.impl("all_gather_into_tensor", all_gather, dev)
+        lib.impl("reduce_scatter_tensor", reduce_scatter, dev)
+    fake_collectives.lib = lib  # the registrations live as long as the library object
+
 
 SIZES = {"345m": (24, 1024, 16), "1.3b": (24, 2048, 32), "3.9b": (48, 2560, 40), "base": (12, 768, 12)}
 
@@ -131,10 +155,12 @@ def main():
                         "REGEX (e.g. 'Memset|Fill|distribution'), counted per step by op chain and input shapes")
     p.add_argument("--tag", default="")
     p.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    p.add_argument("--fake-tp", action="store_true",
+                   help="one process as rank 0 of TP=--tp with no-op collectives (module docstring)")
     a = p.parse_args()
 
     L, h, heads = SIZES[a.model]
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = a.tp if a.fake_tp else int(os.environ.get("WORLD_SIZE", 1))
     dp = world // a.tp
     mb = a.micro_batch or a.batch // dp
     cfg = OmegaConf.structured(Schema)
@@ -148,7 +174,19 @@ def main():
                      eval_interval=10**9, prune_last_layer=not a.no_prune)
     cfg.checkpoint.update(dir=None, resume="none")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    ps = ParallelState.from_env(a.tp, a.device)
+    if a.fake_tp:
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        fake_collectives()
+        dev = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=a.tp)
+        os.environ.setdefault("MEGATRON_BERT_CUDA_GRAPH_DISTRIBUTED", "1")  # no NCCL to keep out of a graph
+        ps = ParallelState.from_process_group(a.tp, dev, "fake", owns=True)
+    else:
+        ps = ParallelState.from_env(a.tp, a.device)
     cuda = ps.device.type == "cuda"
     trainer = Trainer(cfg, ps, None)
     trainer.writer.enabled = False
@@ -195,7 +233,7 @@ def main():
 
     fl = flops_per_sequence(L, h, a.seq, a.vocab) * a.batch
     if ps.is_main:
-        r = dict(which="ours", tag=a.tag, tp=a.tp, dp=dp, sp=a.sp, model=a.model, seq=a.seq, batch=a.batch,
+        r = dict(which="ours", tag=a.tag, tp=a.tp, fake_tp=a.fake_tp, dp=dp, sp=a.sp, model=a.model, seq=a.seq, batch=a.batch,
                  micro_batch=mb, dropout=a.dropout_impl, compile=a.compile and a.compile_mode, cuda_graph=a.cuda_graph, recompute=a.recompute, pad=a.pad,
                  prune_last_layer=not a.no_prune,
                  step_ms=round(dt * 1e3, 2), seq_per_s=round(a.batch / dt, 1),

@@ -5,8 +5,9 @@ projection, our attention kernels and their dropout mask, the compiled cross-ent
 run with async checkpoints resumed mid-way, the Triton dropout keep-mask (alone) and residual
 epilogue (in a compiled layer), the residual epilogue + LayerNorm kernels and the encoder path on
 them (its last layer pruned too), pruned-last-layer steps against full ones, compiled graphed steps
-against eager ones (bf16 grads read in place), a compiled run restarted on a warm Inductor cache,
-and the word embeddings' Triton backward. The flat AdamW's GPU tests are in test_gpu_flat_adamw.py."""
+against eager ones (bf16 grads read in place), a TP rank's graphed step (fake process group), a
+compiled run restarted on a warm Inductor cache, and the word embeddings' Triton backward. The flat
+AdamW's GPU tests are in test_gpu_flat_adamw.py."""
 import json
 import subprocess
 import sys
@@ -438,6 +439,26 @@ def test_a_compiled_run_starts_again_on_a_warm_inductor_cache(tmp_path):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=e, cwd=REPO)
         assert res.returncode == 0, f"run {attempt}: {res.stderr[-2000:]}"
         assert '"seq_per_s"' in res.stdout
+
+
+@needs_cuda
+@pytest.mark.parametrize("sp", [False, True])
+def test_a_tp_rank_step_with_native_dropout_captures_as_a_cuda_graph(sp):
+    """One rank of a TP=2 job (bench_pretrain.py --fake-tp: torch's fake process group, collectives
+    return at once) with native dropout captures and replays its step. Without SP the pruned last
+    layer's attention takes the explicit path, whose mask swapped in the model-parallel generator
+    before session 17: the capture failed there ("set_current_seed ... during stream capture")."""
+    import os
+
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    cmd = [sys.executable, "bench/bench_pretrain.py", "--model", "base", "--seq", "128", "--batch", "8", "--tp", "2",
+           "--fake-tp", "--cuda-graph", "--warmup", "3", "--iters", "2"] + (["--sp"] if sp else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train.cuda_graph: captured the training step" in res.stdout + res.stderr
+    r = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    assert r["fake_tp"] and r["tp"] == 2 and r["cuda_graph"] and r["sp"] == sp and r["dropout"] == "native"
 
 
 @needs_cuda

@@ -227,3 +227,42 @@ def test_embeddings_slice_positions_and_take_token_type_grads_from_a_gemm():
             assert got[2].abs().sum() > 0 and got[1][12:].abs().sum() == 0  # rows past the sequence get none
     with pytest.raises(IndexError):
         emb(ids, types + 1, dctx)
+
+
+def test_native_attention_dropout_at_tp_salts_by_head_offset_and_never_swaps_generators(monkeypatch):
+    """At TP > 1, native attention dropout draws one seed from the default generator (the same on every
+    rank) and salts the mask with the rank's head offset: no generator swap (torch.compile breaks a
+    graph there, a CUDA-graph capture refuses it), masks that differ between ranks, the same mask again
+    from the same generator state (recompute), drop rate p, survivors scaled by 1 / (1 - p)."""
+    from megatron_bert.model.dropout import DropoutContext
+    from parallel.random import MODEL_PARALLEL_STREAM, RNGTracker
+
+    tracker = RNGTracker("cpu")
+    tracker.add(MODEL_PARALLEL_STREAM, 5)
+    before = tracker.get_states()
+
+    def no_swap(*_):
+        raise AssertionError("a generator state was swapped")
+
+    monkeypatch.setattr(RNGTracker, "_set", no_swap)
+    monkeypatch.setattr(torch, "set_rng_state", no_swap)
+    dctx = DropoutContext(True, "native", 0, None, 64, 0, tracker=tracker)
+    probs = torch.full((4, 2, 64, 64), 1 / 64)
+    p = 0.25
+
+    def drop(head_offset):
+        torch.manual_seed(11)
+        return dctx.attention_probs(probs, p, 1, head_offset, 8)
+
+    rank0, rank1, again = drop(0), drop(2), drop(0)
+    assert torch.equal(rank0, again)
+    dropped0, dropped1 = rank0 == 0, rank1 == 0
+    assert not torch.equal(dropped0, dropped1)
+    n = probs.numel()
+    tol = 6 * (p * (1 - p) / n) ** 0.5
+    for d in (dropped0, dropped1):
+        assert abs(d.float().mean().item() - p) < tol
+    assert abs((dropped0 & dropped1).float().mean().item() - p * p) < 6 * (p * p * (1 - p * p) / n) ** 0.5
+    assert torch.allclose(rank0[~dropped0], torch.tensor(1 / 64 / (1 - p)))
+    for name, state in tracker.get_states().items():
+        assert torch.equal(state, before[name])

@@ -2,21 +2,38 @@
 
 With ``dropout_impl="keyed"`` every dropout mask is a function of (seed, site, global sample id,
 global element index) — see ``parallel/random.py`` — so TP size, DP size, micro-batching,
-sequence-parallel sharding and recompute all give the same masks. ``native`` uses torch's RNG
-(through the model-parallel RNG tracker inside TP regions), which is faster on GPU but not invariant.
+sequence-parallel sharding and recompute all give the same masks. ``native`` uses torch's RNG,
+which is faster on GPU but not invariant; inside TP regions (a rank's attention heads) every rank draws
+the same seed from the default generator and salts its mask with its heads' offset, so ranks drop
+differently without swapping generator states (which torch.compile breaks a graph at and a CUDA-graph
+capture refuses: a new seed mid-capture).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from parallel.random import RNGTracker, dropout_keys, keyed_dropout, slice_index
+from parallel.random import RNGTracker, dropout_keys, keyed_dropout, keyed_keep_mask, slice_index
 
+from . import dropout_kernels
 from .dropout_kernels import draw_seed
+
+def salted_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
+    """Inverted dropout with the mask a function of (``seed``: one int64 on x's device, ``salt``, element
+    index): the Triton keep-mask kernel on GPU, the keyed hash of parallel/random.py elsewhere. Pure
+    device work, so it compiles and replays in a CUDA graph."""
+    if x.is_cuda and dropout_kernels.available():
+        keep = dropout_kernels.keep_mask(seed, x.numel(), p, salt).view(x.shape)
+    else:
+        if x.numel() > 2**32:
+            raise ValueError(f"salted dropout indexes at most 2**32 elements, got {x.numel()}")
+        keys = (seed + salt * 0x9E3779B1) & 0xFFFFFFFF
+        keep = keyed_keep_mask(keys, torch.arange(x.numel(), device=x.device).view(x.shape), p)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
 
 # Site numbering: embeddings 0, then 3 sites per layer, heads far above.
 SITE_EMBEDDINGS = 0
@@ -36,6 +53,8 @@ class DropoutContext:
     sample_ids: torch.Tensor | None  # [b] global sample ids (keyed mode)
     seq_len: int  # full sequence length
     seq_offset: int  # where this rank's sequence shard starts (sequence parallel), else 0
+    # Set at TP > 1 (bert.py): native attention dropout then salts its mask by rank (attention_probs);
+    # recompute restores its streams (parallel.random.checkpoint).
     tracker: RNGTracker | None = None
     # [b, n] positions of the rows a pruned layer computes (TransformerLayer.forward_rows): keyed
     # masks are then indexed by those positions, so the kept rows get the masks of the full layer.
@@ -97,9 +116,8 @@ class DropoutContext:
         or ``[b, heads_local, n, s]`` for the query rows of a pruned layer."""
         if not self.active(p):
             return probs
-        if self.impl == "native":
-            with self.tracker.fork() if self.tracker is not None else contextlib.nullcontext():
-                return F.dropout(probs, p, True)
+        if self.impl == "native":  # the seed is the same on every rank: the heads' offset tells them apart
+            return salted_dropout(probs, p, self.kernel_seed(0, probs.device, p), head_offset)
         _, nh, sq, sk = probs.shape
         keys = self._keys(site).view(-1, 1, 1, 1)
         if self.rows is not None:  # query rows at positions rows [b, n] of a [num_heads, sk, sk] tensor

@@ -7,7 +7,6 @@ Activations are ``[s, b, h]``; under sequence parallelism ``[s/tp, b, h]`` outsi
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -60,19 +59,21 @@ def _sdpa(q, k, v, mask, p=0.0):
 def attention_core(q, k, v, mask, dctx: DropoutContext, p: float, site: int, head_offset: int, num_heads: int):
     """softmax(q kᵀ / √d) v over ``[b, heads, s, head_dim]`` with a boolean mask (True = attend).
 
-    Uses SDPA (flash / memory-efficient kernels on GPU) except when keyed dropout must act on the
-    probabilities themselves, where the scores are formed explicitly.
+    Uses SDPA (flash / memory-efficient kernels on GPU) except where dropout must act on the
+    probabilities themselves, where the scores are formed explicitly: keyed dropout, and native dropout
+    at TP > 1 (a rank's heads need their own mask, and SDPA's comes from the default generator, equal
+    on every rank; on GPU the full layers take our attention kernels there, this is the pruned last
+    layer's ``[b, heads, n, s]`` and the fallbacks).
     """
-    if dctx.active(p) and dctx.impl == "keyed":
+    if dctx.active(p) and (dctx.impl == "keyed" or dctx.tracker is not None):
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
         probs = dctx.attention_probs(probs, p, site, head_offset, num_heads)
         return torch.matmul(probs, v)
-    if dctx.active(p):  # native: dropout inside the fused kernel, on this rank's own stream
-        with dctx.tracker.fork() if dctx.tracker is not None else contextlib.nullcontext():
-            return _sdpa(q, k, v, mask, p)
+    if dctx.active(p):  # native, one TP rank: dropout inside the fused kernel
+        return _sdpa(q, k, v, mask, p)
     return _sdpa(q, k, v, mask)
 
 
