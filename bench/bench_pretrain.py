@@ -243,7 +243,8 @@ def main():
                  warmup_s=round(warm_s, 1), gpu=torch.cuda.get_device_name() if cuda else "cpu",
                  triton_dropout=any(getattr(m, "bda_kernel", None) is not None for m in trainer.model.modules()),
                  residual_norm=any(getattr(m, "residual_norm", False) for m in trainer.model.modules()),
-                 flat_adamw=getattr(trainer.optimizer, "flat", None) is not None)
+                 flat_adamw=getattr(trainer.optimizer, "flat", None) is not None,
+                 graphs_captured=len(getattr(trainer.step_graphs, "graphs", None) or {}))
         print("RESULT", json.dumps(r), flush=True)
     ps.destroy()
 

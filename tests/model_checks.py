@@ -82,21 +82,27 @@ def check_tp_equivalence(ps: ParallelState):
 
 
 def check_native_recompute(ps: ParallelState):
-    """Native (torch RNG) dropout: recompute replays the tracker streams, so results are identical."""
+    """Native (torch RNG) dropout: recompute replays the tracker streams and the default generator, so
+    results are identical; also with the last layer pruned (at TP > 1 its attention mask is salted by
+    the rank's heads from a seed of the default generator)."""
     cfg = tiny_config()
     batch = make_batch()
-    outs = {}
-    for recompute in ("none", "selective", "full"):
-        torch.manual_seed(3)
-        model = MegatronBertForPreTraining(cfg, ps, ModelRuntime(seed=9, dropout_impl="native", recompute=recompute))
-        out = _run(model, batch)
-        outs[recompute] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    base_loss, base_grads = outs["none"]
-    for mode in ("selective", "full"):
-        loss, grads = outs[mode]
-        assert torch.equal(loss, base_loss), f"native recompute={mode}: loss {loss.item()} != {base_loss.item()}"
-        for n, g in grads.items():
-            assert torch.equal(g, base_grads[n]), f"native recompute={mode}: grad of {n} differs"
+    for pruned in (False, True):
+        kw = {"target_positions": target_positions(batch["labels"])} if pruned else {}
+        outs = {}
+        for recompute in ("none", "selective", "full"):
+            torch.manual_seed(3)
+            rt = ModelRuntime(seed=9, dropout_impl="native", recompute=recompute)
+            model = MegatronBertForPreTraining(cfg, ps, rt)
+            out = _run(model, batch, **kw)
+            outs[recompute] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        base_loss, base_grads = outs["none"]
+        for mode in ("selective", "full"):
+            loss, grads = outs[mode]
+            label = f"native recompute={mode} pruned={pruned}"
+            assert torch.equal(loss, base_loss), f"{label}: loss {loss.item()} != {base_loss.item()}"
+            for n, g in grads.items():
+                assert torch.equal(g, base_grads[n]), f"{label}: grad of {n} differs"
     return "native recompute ok"
 
 

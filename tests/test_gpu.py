@@ -456,9 +456,9 @@ def test_a_tp_rank_step_with_native_dropout_captures_as_a_cuda_graph(sp):
            "--fake-tp", "--cuda-graph", "--warmup", "3", "--iters", "2"] + (["--sp"] if sp else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "train.cuda_graph: captured the training step" in res.stdout + res.stderr
     r = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
-    assert r["fake_tp"] and r["tp"] == 2 and r["cuda_graph"] and r["sp"] == sp and r["dropout"] == "native"
+    assert r["fake_tp"] and r["tp"] == 2 and r["sp"] == sp and r["dropout"] == "native"
+    assert r["graphs_captured"] >= 1
 
 
 @needs_cuda

@@ -3,10 +3,11 @@
 With ``dropout_impl="keyed"`` every dropout mask is a function of (seed, site, global sample id,
 global element index) — see ``parallel/random.py`` — so TP size, DP size, micro-batching,
 sequence-parallel sharding and recompute all give the same masks. ``native`` uses torch's RNG,
-which is faster on GPU but not invariant; inside TP regions (a rank's attention heads) every rank draws
-the same seed from the default generator and salts its mask with its heads' offset, so ranks drop
-differently without swapping generator states (which torch.compile breaks a graph at and a CUDA-graph
-capture refuses: a new seed mid-capture).
+which is faster on GPU but not invariant. Inside TP regions (a rank's attention heads) the masks must
+differ per rank: eager SDPA draws them from the tracker's model-parallel generator; compiled regions,
+CUDA-graph captures and the pruned last layer cannot swap generators (torch.compile breaks a graph
+there, a capture refuses a new seed), so there every rank draws the same seed from the default
+generator and salts its mask with its heads' offset (``salted_dropout``).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class DropoutContext:
     sample_ids: torch.Tensor | None  # [b] global sample ids (keyed mode)
     seq_len: int  # full sequence length
     seq_offset: int  # where this rank's sequence shard starts (sequence parallel), else 0
-    # Set at TP > 1 (bert.py): native attention dropout then salts its mask by rank (attention_probs);
+    # Set at TP > 1 (bert.py): a rank's native attention dropout (transformer.attention_core);
     # recompute restores its streams (parallel.random.checkpoint).
     tracker: RNGTracker | None = None
     # [b, n] positions of the rows a pruned layer computes (TransformerLayer.forward_rows): keyed

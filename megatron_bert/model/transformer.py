@@ -7,6 +7,7 @@ Activations are ``[s, b, h]``; under sequence parallelism ``[s/tp, b, h]`` outsi
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -61,20 +62,28 @@ def attention_core(q, k, v, mask, dctx: DropoutContext, p: float, site: int, hea
 
     Uses SDPA (flash / memory-efficient kernels on GPU) except where dropout must act on the
     probabilities themselves, where the scores are formed explicitly: keyed dropout, and native dropout
-    at TP > 1 (a rank's heads need their own mask, and SDPA's comes from the default generator, equal
-    on every rank; on GPU the full layers take our attention kernels there, this is the pruned last
-    layer's ``[b, heads, n, s]`` and the fallbacks).
+    on a TP rank's heads where the model-parallel generator cannot be swapped in for SDPA's mask.
     """
-    if dctx.active(p) and (dctx.impl == "keyed" or dctx.tracker is not None):
+    if dctx.active(p) and (dctx.impl == "keyed" or (dctx.tracker is not None and _no_generator_swaps(q, dctx))):
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        probs = dctx.attention_probs(probs, p, site, head_offset, num_heads)
+        probs = dctx.attention_probs(probs, p, site, head_offset, num_heads)  # native: salted by the heads
         return torch.matmul(probs, v)
-    if dctx.active(p):  # native, one TP rank: dropout inside the fused kernel
-        return _sdpa(q, k, v, mask, p)
+    if dctx.active(p):  # native: dropout inside the fused kernel, at TP > 1 on this rank's own stream
+        with dctx.tracker.fork() if dctx.tracker is not None else contextlib.nullcontext():
+            return _sdpa(q, k, v, mask, p)
     return _sdpa(q, k, v, mask)
+
+
+def _no_generator_swaps(q: torch.Tensor, dctx: DropoutContext) -> bool:
+    """Whether a TP rank's native attention dropout must do without the tracker's generator swap:
+    torch.compile breaks a graph at one and a CUDA-graph capture refuses it (a new seed mid-capture;
+    session 17). The pruned last layer's ``[b, heads, n, s]`` always goes explicit (small, and so the
+    same whether or not the step is captured); an eager full layer keeps SDPA's fused dropout."""
+    return (dctx.rows is not None or torch.compiler.is_compiling()
+            or (q.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def row_index(rows: torch.Tensor, batch: int) -> torch.Tensor:
