@@ -5,10 +5,13 @@ it finds it, and on one GPU every LOCAL_RANK resolves to cuda:0."""
 import os
 import sys
 
-import torch
-import torch.distributed as dist
+# Every rank on one GPU, also on a machine with more (the first visible one); before CUDA starts.
+os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
 
-import gloo_cuda_shim
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import gloo_cuda_shim  # noqa: E402
 
 if __name__ == "__main__":
     gloo_cuda_shim.install()

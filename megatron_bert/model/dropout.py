@@ -22,6 +22,7 @@ from parallel.random import RNGTracker, dropout_keys, keyed_dropout, keyed_keep_
 from . import dropout_kernels
 from .dropout_kernels import draw_seed
 
+
 def salted_dropout(x: torch.Tensor, p: float, seed: torch.Tensor, salt: int) -> torch.Tensor:
     """Inverted dropout with the mask a function of (``seed``: one int64 on x's device, ``salt``, element
     index): the Triton keep-mask kernel on GPU, the keyed hash of parallel/random.py elsewhere. Pure
