@@ -12,8 +12,8 @@ vocabulary logits and the last layer at every position are counted even though w
 at the targets and [CLS]: model FLOPs, not the FLOPs run), and peak memory.
 
 ``--fake-tp``: one process runs rank 0 of a TP=``--tp`` job on one GPU, over torch's fake process
-group (collectives return at once; ``fake_collectives`` gives the gathers and reduce-scatters
-outputs of the right values' kind). Its step time is one rank's compute and memory traffic at that
+group (collectives return at once; ``fake_collectives`` fills the outputs of gathers and
+reduce-scatters from this rank's data). Its step time is one rank's compute and memory traffic at that
 TP, communication taken out: the most that TP can gain before any link is used.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from megatron_bert.training.metrics import flops_per_sequence  # noqa: E402
 from megatron_bert.training.pretrain import PretrainTask  # noqa: E402
 from megatron_bert.training.trainer import Trainer  # noqa: E402
 from parallel import ParallelState  # noqa: E402
+
 
 def fake_collectives() -> None:
     """Under the fake process group an all-gather or reduce-scatter leaves its output uninitialised

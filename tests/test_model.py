@@ -230,10 +230,11 @@ def test_embeddings_slice_positions_and_take_token_type_grads_from_a_gemm():
 
 
 def test_native_attention_dropout_at_tp_salts_by_head_offset_and_never_swaps_generators(monkeypatch):
-    """At TP > 1, native attention dropout draws one seed from the default generator (the same on every
-    rank) and salts the mask with the rank's head offset: no generator swap (torch.compile breaks a
-    graph there, a CUDA-graph capture refuses it), masks that differ between ranks, the same mask again
-    from the same generator state (recompute), drop rate p, survivors scaled by 1 / (1 - p)."""
+    """At TP > 1 the explicit attention path (compiled regions, CUDA-graph captures, the pruned last
+    layer) drops with one seed from the default generator (the same on every rank) salted by the rank's
+    head offset: no generator swap (torch.compile breaks a graph there, a capture refuses it), masks
+    that differ between ranks, the same mask again from the same generator state (recompute), drop
+    rate p, survivors scaled by 1 / (1 - p)."""
     from megatron_bert.model.dropout import DropoutContext
     from parallel.random import MODEL_PARALLEL_STREAM, RNGTracker
 
