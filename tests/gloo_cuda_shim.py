@@ -5,7 +5,10 @@ torch 2.11's functional all-gather (``_c10d_functional::all_gather_into_tensor``
 and tensors works, and so do the functional all-reduce and reduce-scatter (bench/probe_gloo_cuda.py,
 session 17). ``install()`` puts a CUDA kernel for that op in front of torch's own: the same gather
 through ``dist.all_gather_into_tensor``, done before it returns (``wait_tensor`` then has nothing to
-wait for). The product's code stays as it is; NCCL runs never see this."""
+wait for). The product's code stays as it is; NCCL runs never see this.
+``init_shared_gpu()`` makes that process group: the shim, every rank on one GPU, gloo."""
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
@@ -24,3 +27,13 @@ def install() -> None:
     if _lib is None:
         _lib = torch.library.Library("_c10d_functional", "IMPL")
         _lib.impl("all_gather_into_tensor", _all_gather_into_tensor, "CUDA")
+
+
+def init_shared_gpu() -> torch.device:
+    """Under torchrun: install the shim and join a gloo group with every rank on one GPU (on a machine
+    with more, the first visible one: set before CUDA starts). Returns that device, ``cuda:0``."""
+    install()
+    os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    return torch.device("cuda", 0)

@@ -10,9 +10,6 @@ import argparse
 import json
 import os
 
-import torch
-import torch.distributed as dist
-
 from gpu_steps import run_steps, small_config
 from parallel import ParallelState
 
@@ -34,10 +31,7 @@ if __name__ == "__main__":
     if args.shared_gpu:
         import gloo_cuda_shim
 
-        gloo_cuda_shim.install()
-        torch.cuda.set_device(0)
-        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        ps = ParallelState.from_process_group(args.tp, torch.device("cuda", 0), "gloo", owns=True)
+        ps = ParallelState.from_process_group(args.tp, gloo_cuda_shim.init_shared_gpu(), "gloo", owns=True)
     else:
         ps = ParallelState.from_env(args.tp, "cuda")
     single = ParallelState.single(ps.device)

@@ -5,18 +5,12 @@ it finds it, and on one GPU every LOCAL_RANK resolves to cuda:0."""
 import os
 import sys
 
-# Every rank on one GPU, also on a machine with more (the first visible one); before CUDA starts.
-os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import gloo_cuda_shim  # noqa: E402
+import gloo_cuda_shim
 
 if __name__ == "__main__":
-    gloo_cuda_shim.install()
-    torch.cuda.set_device(0)
-    dist.init_process_group("gloo")
+    gloo_cuda_shim.init_shared_gpu()
     from megatron_bert.train import main
 
     code = main(sys.argv[1:])

@@ -20,6 +20,30 @@ from train_fixtures import REPO, env
 pytestmark = pytest.mark.gpu
 
 
+def _last_result(stdout: str) -> dict:
+    """The last ``RESULT {json}`` line a bench or check script printed."""
+    return json.loads([ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+
+
+def _bench_env(**extra) -> dict:
+    """The subprocess environment for bench/ scripts: the repo importable."""
+    import os
+
+    e = {**env(), **extra}
+    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    return e
+
+
+def _resume_dir(checkpoints, run_dir, step: int = 6):
+    """``run_dir`` holding only ``checkpoints``' step ``step`` as its latest: a run there resumes from it."""
+    import shutil
+
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoints / f"step_{step}", run_dir / "checkpoints" / f"step_{step}")
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{step}")
+    return run_dir
+
+
 def _tp_check(tp: int, shared_gpu: bool) -> None:
     """tests/gpu_tp_check.py under torchrun: TP=tp vs TP=1 losses, eager (keyed dropout) and compiled."""
     e = {**env(), "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
@@ -28,8 +52,7 @@ def _tp_check(tp: int, shared_gpu: bool) -> None:
            "tests/gpu_tp_check.py", f"--tp={tp}"] + (["--shared-gpu"] if shared_gpu else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=e, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    r = json.loads(line[len("RESULT "):])
+    r = _last_result(res.stdout)
     for suffix in ("", "_compiled"):  # eager with keyed dropout; train.compile without dropout
         tp1, tpn = r["tp1" + suffix], r["tp" + suffix]
         assert len(tp1) == len(tpn) == 5
@@ -225,8 +248,6 @@ def test_compiled_cross_entropy_matches_the_vocab_parallel_function_on_gpu():
 def test_cuda_graph_run_saves_in_the_background_and_resumes(tmp_path):
     """The CLI on real (padded) data with train.cuda_graph=true, bf16, async checkpoints (pinned
     staging): a run resumed from its step-6 checkpoint re-captures and continues the same losses."""
-    import shutil
-
     from train_fixtures import base_overrides, build_dataset, metrics, train
 
     data = build_dataset(tmp_path / "data")
@@ -239,10 +260,7 @@ def test_cuda_graph_run_saves_in_the_background_and_resumes(tmp_path):
     assert "train.cuda_graph: captured the training step" in res.stdout + res.stderr
     ckpts = ref_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip().endswith("step_12") and (ckpts / "step_6").is_dir()
-    resumed_dir = tmp_path / "resumed"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpts / "step_6", resumed_dir / "checkpoints" / "step_6")
-    (resumed_dir / "checkpoints" / "latest").write_text("step_6")
+    resumed_dir = _resume_dir(ckpts, tmp_path / "resumed")
     res = train(base_overrides(data, resumed_dir, **common))
     assert res.returncode == 0, res.stderr[-3000:]
     ref = {r["step"]: r["loss"] for r in metrics(ref_dir)}
@@ -257,8 +275,6 @@ def test_a_tp2_gpu_run_resumes_from_its_checkpoint_at_tp2_and_at_tp1(tmp_path):
     """The CLI at TP=2 + sequence parallel on the GPU (ranks sharing it over gloo), bf16, checkpoint
     at step 6; resumed at TP=2 it continues the same losses, resumed at TP=1 (the shards merged on
     load) it continues them within bf16's TP=1-vs-TP=2 spread."""
-    import shutil
-
     from train_fixtures import base_overrides, build_dataset, metrics, train
 
     data = build_dataset(tmp_path / "data")
@@ -281,10 +297,7 @@ def test_a_tp2_gpu_run_resumes_from_its_checkpoint_at_tp2_and_at_tp1(tmp_path):
     ref = {r["step"]: r["loss"] for r in metrics(ref_dir)}
     assert sorted(ref) == list(range(1, 13)) and ref[12] < ref[1]
     for tp2_run, tol in ((True, 2e-3), (False, 5e-3)):
-        resumed_dir = tmp_path / f"resumed_tp{2 if tp2_run else 1}"
-        (resumed_dir / "checkpoints").mkdir(parents=True)
-        shutil.copytree(ref_dir / "checkpoints" / "step_6", resumed_dir / "checkpoints" / "step_6")
-        (resumed_dir / "checkpoints" / "latest").write_text("step_6")
+        resumed_dir = _resume_dir(ref_dir / "checkpoints", tmp_path / f"resumed_tp{2 if tp2_run else 1}")
         res = run(resumed_dir, tp2_run)
         assert res.returncode == 0, res.stderr[-3000:]
         again = {r["step"]: r["loss"] for r in metrics(resumed_dir)}
@@ -429,10 +442,7 @@ def test_a_compiled_run_starts_again_on_a_warm_inductor_cache(tmp_path):
     """The same compiled, graphed 345M-shaped run twice on one Inductor cache: the second start must
     not fail (torch 2.11 could not reload a cached graph holding multi-kernel reductions, which the
     trainer turns on; it now leaves Inductor's FX graph cache off when it does)."""
-    import os
-
-    e = {**env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    e = _bench_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     cmd = [sys.executable, "bench/bench_pretrain.py", "--model", "345m", "--seq", "512", "--batch", "8",
            "--compile", "--cuda-graph", "--warmup", "3", "--iters", "2"]
     for attempt in (1, 2):
@@ -448,15 +458,12 @@ def test_a_tp_rank_step_with_native_dropout_captures_as_a_cuda_graph(sp):
     return at once) with native dropout captures and replays its step. Without SP the pruned last
     layer's attention takes the explicit path, whose mask swapped in the model-parallel generator
     before session 17: the capture failed there ("set_current_seed ... during stream capture")."""
-    import os
-
-    e = env()
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
+    e = _bench_env()
     cmd = [sys.executable, "bench/bench_pretrain.py", "--model", "base", "--seq", "128", "--batch", "8", "--tp", "2",
            "--fake-tp", "--cuda-graph", "--warmup", "3", "--iters", "2"] + (["--sp"] if sp else [])
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    r = _last_result(res.stdout)
     assert r["fake_tp"] and r["tp"] == 2 and r["sp"] == sp and r["dropout"] == "native"
     assert r["graphs_captured"] >= 1
 
