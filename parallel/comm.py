@@ -49,6 +49,13 @@ def sum_across(x: torch.Tensor, group, wait: bool = True) -> torch.Tensor:
     return _done(_functional.all_reduce(x, "sum", group.group_name), wait)
 
 
+def max_across(x: torch.Tensor, group) -> torch.Tensor:
+    """The elementwise max of every rank's ``x`` (no autograd: for constants like a softmax shift)."""
+    if group_size(group) == 1:
+        return x
+    return _functional.wait_tensor(_functional.all_reduce(x, "max", group.group_name))
+
+
 def split_along_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """Keep this rank's contiguous chunk of ``x`` along ``dim``."""
     world = group_size(group)

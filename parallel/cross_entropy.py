@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .mappings import reduce_from_tp
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -80,11 +81,34 @@ def _local_cross_entropy(logits, target, ignore_index: int, label_smoothing: flo
     return loss.masked_fill(ignored, 0.0)
 
 
+def _split_cross_entropy(logits, target, group, ignore_index: int, label_smoothing: float):
+    """The vocab-parallel loss in plain torch ops for torch.compile at TP > 1: the per-token sums cross
+    the ranks through ``reduce_from_tp`` (backward: identity, as every rank's loss is the same), so
+    autograd derives the Function's backward; the max is a constant shift (no gradient)."""
+    logits = logits.float()
+    part = logits.shape[-1]
+    start = comm.group_rank(group) * part
+    shifted = logits - comm.max_across(logits.detach().amax(dim=-1), group).unsqueeze(-1)
+    ignored = target == ignore_index
+    local = target - start
+    outside = (local < 0) | (local >= part) | ignored
+    target_logit = shifted.gather(-1, local.masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
+    sums = [target_logit.masked_fill(outside, 0.0), shifted.exp().sum(dim=-1)]
+    if label_smoothing > 0:
+        sums.append(shifted.sum(dim=-1))
+    sums = reduce_from_tp(torch.stack(sums), group)  # one collective for all per-token sums
+    log_z = sums[1].log()
+    loss = log_z - sums[0]
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * (sums[2] / (part * comm.group_size(group)) - log_z)
+    return loss.masked_fill(ignored, 0.0)
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_local_cross_entropy():
-    # Inductor turns the fp32 passes over [tokens, V] (upcast, max, exp, sum, softmax grad) into one
-    # reduction forward and one pointwise kernel backward, and keeps no fp32 softmax for backward.
-    return torch.compile(_local_cross_entropy)
+def _compiled(split: bool):
+    # Inductor turns the fp32 passes over [tokens, V/tp] (upcast, max, exp, sum, softmax grad) into
+    # one reduction forward and one pointwise kernel backward, and keeps no fp32 softmax for backward.
+    return torch.compile(_split_cross_entropy if split else _local_cross_entropy)
 
 
 def vocab_parallel_cross_entropy(
@@ -98,12 +122,14 @@ def vocab_parallel_cross_entropy(
     """Per-token loss ``[...]`` (0 at ignored positions) from vocab-parallel logits ``[..., V/tp]``.
 
     The returned gradient has the logits' dtype cast by autograd; math is fp32 throughout.
-    ``compiled`` (GPU): with one rank in the group, use a torch.compile'd kernel pair instead.
+    ``compiled`` (GPU): the same loss as torch.compile'd plain torch ops instead.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
     if compiled and comm.group_size(group) == 1:
-        return _compiled_local_cross_entropy()(logits, target, ignore_index, label_smoothing)
+        return _compiled(False)(logits, target, ignore_index, label_smoothing)
+    if compiled:
+        return _compiled(True)(logits, target, group, ignore_index, label_smoothing)
     return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, label_smoothing)

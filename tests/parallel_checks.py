@@ -28,6 +28,7 @@ from parallel import (
     shard_of,
     vocab_parallel_cross_entropy,
 )
+from parallel.cross_entropy import _split_cross_entropy
 
 TOL = 1e-5
 
@@ -193,16 +194,24 @@ def check_cross_entropy(ps: ParallelState):
     target = torch.randint(0, vocab, (3, n), generator=_gen(22))
     target[0, :3] = -100
     upstream = torch.rand(3, n, generator=_gen(23))
+    # The Function, and at TP > 1 the plain-torch formula that compiled=True hands to torch.compile on
+    # GPU: eagerly, and traced (aot_eager: Dynamo + AOT autograd through the collectives, no codegen).
+    split = torch.compile(_split_cross_entropy, backend="aot_eager", fullgraph=True)
+    ways = {"function": lambda x, t, ls: vocab_parallel_cross_entropy(x, t, ps.tp_group, label_smoothing=ls)}
+    if ps.tp_size > 1:
+        ways.update(plain=lambda x, t, ls: _split_cross_entropy(x, t, ps.tp_group, -100, ls),
+                    traced=lambda x, t, ls: split(x, t, ps.tp_group, -100, ls))
     for smoothing in (0.0, 0.1):
-        logits = logits_full.chunk(ps.tp_size, -1)[ps.tp_rank].clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(logits, target, ps.tp_group, label_smoothing=smoothing)
         ref_in = logits_full.clone().requires_grad_()
         ref = F.cross_entropy(ref_in.view(-1, vocab), target.view(-1), reduction="none",
                               ignore_index=-100, label_smoothing=smoothing).view(3, n)
-        _close(f"CE loss (ls={smoothing})", loss, ref.detach())
-        (loss * upstream).sum().backward()
         (ref * upstream).sum().backward()
-        _close(f"CE dlogits (ls={smoothing})", logits.grad, ref_in.grad.chunk(ps.tp_size, -1)[ps.tp_rank])
+        for way, fn in ways.items():
+            logits = logits_full.chunk(ps.tp_size, -1)[ps.tp_rank].clone().requires_grad_()
+            loss = fn(logits, target, smoothing)
+            _close(f"CE loss ({way}, ls={smoothing})", loss, ref.detach())
+            (loss * upstream).sum().backward()
+            _close(f"CE dlogits ({way}, ls={smoothing})", logits.grad, ref_in.grad.chunk(ps.tp_size, -1)[ps.tp_rank])
     # Huge logits stay finite (max-subtraction).
     big = (logits_full * 1e4).chunk(ps.tp_size, -1)[ps.tp_rank]
     assert torch.isfinite(vocab_parallel_cross_entropy(big, target, ps.tp_group)).all(), "CE overflowed"
