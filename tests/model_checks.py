@@ -113,22 +113,26 @@ def target_positions(labels: torch.Tensor, spare: int = 2) -> torch.Tensor:
 
 def check_pruned_last_layer(ps: ParallelState):
     """The last layer computed only at [CLS] and the MLM targets (``target_positions``), at this TP size
-    ± sequence parallel (taken after the full layer there) ± recompute, against the full TP=1 model:
-    loss, binary loss, the targets' logits and every grad, keyed dropout on (its masks are indexed by
+    ± sequence parallel (the rows then sharded over the ranks, padded to a multiple of tp) ± recompute,
+    against the full TP=1 model: loss, binary loss, the targets' logits and every grad, keyed dropout on (its masks are indexed by
     position, so the kept rows see the full layer's masks), padded batch."""
     cfg = tiny_config()
     batch = make_batch()
     targets = target_positions(batch["labels"])
     ref = MegatronBertForPreTraining(cfg, ParallelState.single(), ModelRuntime(seed=7))
     out_ref = _run(ref, batch)
-    used = targets >= 0
-    flat = (torch.arange(targets.shape[0])[:, None] * batch["labels"].shape[1] + targets.clamp(min=0))[used]
+    flat = (torch.arange(targets.shape[0])[:, None] * batch["labels"].shape[1] + targets.clamp(min=0))[targets >= 0]
     ref_logits = out_ref.prediction_logits.detach().reshape(-1, out_ref.prediction_logits.shape[-1])[flat]
     report = {}
-    for sp, recompute in ((False, "none"), (False, "selective"), (False, "full"), (True, "none")):
-        label = f"pruned sp={sp} rc={recompute}"
+    # Under SP two budgets of target slots, one more than the other: one of them pads the rows
+    # ([CLS] + slots) to a multiple of tp at TP=2 and 4.
+    for sp, recompute, spare in ((False, "none", 0), (False, "selective", 0), (False, "full", 0), (True, "none", 0),
+                                 (True, "none", 1), (True, "full", 1)):
+        slots = torch.cat([targets, torch.full_like(targets[:, :spare], -1)], dim=1)
+        used = slots >= 0
+        label = f"pruned sp={sp} rc={recompute} slots={slots.shape[1]}"
         model = MegatronBertForPreTraining(cfg, ps, ModelRuntime(seed=7, sequence_parallel=sp, recompute=recompute))
-        out = model(**batch, target_positions=targets)
+        out = model(**batch, target_positions=slots)
         out.loss.backward()
         if ps.tp_size > 1:
             allreduce_sequence_parallel_grads(model.parameters(), ps)
@@ -162,7 +166,8 @@ def check_compiled_tp(ps: ParallelState, backend: str = "aot_eager"):
     out_ref = _run(ref, batch)
     report = {}
     targets = target_positions(batch["labels"])
-    for sp, fuse, pruned in ((False, False, False), (True, False, False), (True, True, False), (False, True, True)):
+    for sp, fuse, pruned in ((False, False, False), (True, False, False), (True, True, False), (False, True, True),
+                             (True, True, True)):
         label = f"sp={sp},fuse={fuse}" + (",pruned" if pruned else "")
         torch._dynamo.reset()
         counters.clear()

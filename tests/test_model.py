@@ -27,21 +27,22 @@ def test_tp_matches_tp1_with_dropout_sp_and_recompute(tp):
     for report, native, pruned in results:
         assert set(report) == {f"sp={sp},recompute={rc}" for sp in (False, True) for rc in ("none", "full")}
         assert native == "native recompute ok"
-        assert len(pruned) == 4
+        assert len(pruned) == 6
 
 
 def test_pruned_last_layer_matches_the_full_model_in_one_process():
     """TP=1: the last layer at [CLS] and the MLM targets only gives the full model's losses, target
     logits and grads (keyed dropout on, padded batch, ± recompute; tests/model_checks.py)."""
-    assert len(model_checks.check_pruned_last_layer(single())) == 4
+    assert len(model_checks.check_pruned_last_layer(single())) == 6
 
 
 def test_compiled_layers_at_tp2_trace_their_collectives_and_match_tp1():
     """train.compile at TP>1 compiles each layer's halves with the TP collectives inside (Dynamo and
     AOTAutograd here; Inductor generates the kernels on GPU): no graph break, ± sequence parallel, ±
-    the fused-epilogue layout."""
+    the fused-epilogue layout, ± the last layer pruned."""
     for report in run_distributed(2, 2, model_checks.check_compiled_tp):
-        assert set(report) == {"sp=False,fuse=False", "sp=True,fuse=False", "sp=True,fuse=True", "sp=False,fuse=True,pruned"}
+        assert set(report) == {"sp=False,fuse=False", "sp=True,fuse=False", "sp=True,fuse=True", "sp=False,fuse=True,pruned",
+                               "sp=True,fuse=True,pruned"}
 
 
 @pytest.mark.parametrize("env,compiled", [({}, True), ({"MEGATRON_BERT_COMPILE_TP": "0"}, False),

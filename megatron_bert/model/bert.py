@@ -20,7 +20,7 @@ from parallel.random import RNGTracker, seed_everything
 from ..config import ModelConfig, ModelConfigError, ModelRuntime
 from .dropout import SITE_EMBEDDINGS, DropoutContext
 from .embedding_kernels import embedding
-from .transformer import TransformerEncoder, row_index, take_rows
+from .transformer import TransformerEncoder
 
 
 @dataclass
@@ -196,7 +196,8 @@ class MegatronBertModel(nn.Module):
 
         ``rows [b, n]``: only these positions of each sample are wanted, → ``[n, b, h]``; the last
         layer then computes just those rows (the same values: every layer before it, and its keys and
-        values, still see the whole sequence). Under sequence parallelism the rows are taken after it.
+        values, still see the whole sequence). Under sequence parallelism each rank computes n/tp of
+        them (n padded to a multiple of tp with copies of the first).
         """
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -206,16 +207,16 @@ class MegatronBertModel(nn.Module):
         mask = extended_mask(attention_mask, s, causal, input_ids.device)
         if rows is not None and causal:
             raise ValueError("rows (a pruned last layer) cannot be combined with causal attention")
-        prune = rows is not None and not self.rt.sequence_parallel
+        n = None if rows is None else rows.shape[1]
+        if rows is not None and self.rt.sequence_parallel and n % self.ps.tp_size:
+            rows = torch.cat([rows, rows[:, :1].expand(b, self.ps.tp_size - n % self.ps.tp_size)], dim=1)
         x = self.embeddings(input_ids, token_type_ids, dctx)
-        x = self.encoder(x, mask, dctx, rows if prune else None)
+        x = self.encoder(x, mask, dctx, rows)
         if self.rt.sequence_parallel:
             # Everything after this point is replicated work, so each rank's gradient of the gathered
             # tensor is already complete: backward just keeps this rank's chunk.
             x = gather_from_sp(x, self.ps.tp_group, grad_is_partial=False)
-        if rows is not None and not prune:
-            x = take_rows(x, row_index(rows, b))
-        return x, dctx
+        return (x if n is None else x[:n]), dctx
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, sample_ids=None):
         from .heads import ModelOutput

@@ -17,7 +17,7 @@ from torch import nn
 
 from parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
 from parallel.init import InitMethod
-from parallel.mappings import copy_to_tp
+from parallel.mappings import copy_to_tp, gather_from_sp, reduce_scatter_to_sp
 from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
@@ -95,6 +95,18 @@ def row_index(rows: torch.Tensor, batch: int) -> torch.Tensor:
 def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     # [s, b, h] → [n, b, h]
     return x.reshape(-1, x.shape[-1]).index_select(0, index).view(-1, x.shape[1], x.shape[-1])
+
+
+def rows_of_shards(x: torch.Tensor, rows: torch.Tensor, ps: ParallelState) -> torch.Tensor:
+    """Sequence parallel: ``x [s/tp, b, h]`` is this rank's shard of the sequence, ``rows [b, n]``
+    positions in the whole of it (``n`` a multiple of tp) → this rank's chunk ``[n/tp, b, h]`` of the
+    rows. Each rank takes the rows that fall in its shard (zeros for the rest) and one reduce-scatter
+    sums them into place: ``[n, b, h]`` of traffic, where gathering ``x`` would move ``[s, b, h]``."""
+    s_local, b, _ = x.shape
+    local = rows - ps.tp_rank * s_local  # [b, n]
+    owned = (local >= 0) & (local < s_local)
+    taken = take_rows(x, row_index(local.clamp(0, s_local - 1), b))  # [n, b, h]
+    return reduce_scatter_to_sp(taken.masked_fill(~owned.t().unsqueeze(-1), 0.0), ps.tp_group)
 
 
 def _site(dctx: DropoutContext, layer: int, which: int) -> int:
@@ -181,14 +193,15 @@ class SelfAttention(nn.Module):
     def forward_rows(self, x: torch.Tensor, index: torch.Tensor, mask: torch.Tensor | None,
                      dctx: DropoutContext) -> torch.Tensor:
         """The output at the query rows ``index`` only (row_index of ``dctx.rows``), keys and values
-        from every row: x ``[s, b, h]`` → ``[n, b, h]``. Not under sequence parallel (the encoder
-        then runs the whole layer)."""
+        from every row: x ``[s, b, h]`` → ``[n, b, h]``. Sequence parallel: x ``[s/tp, b, h]`` →
+        ``[n/tp, b, h]``, this rank's chunk of the rows (the output projection's reduce-scatter)."""
         if mask is not None and mask.shape[2] != 1:
             raise ValueError("a pruned attention layer takes a key-padding mask [b, 1, 1, s], not a per-query one")
-        s, b, _ = x.shape
         nh, hd, proj = self.heads_local, self.cfg.head_dim, self.query_key_value
         w, bias = proj.weight.view(nh, 3, hd, -1), proj.bias.view(nh, 3, hd)  # per head: q, k, v
-        x = copy_to_tp(x, self.ps.tp_group)  # backward: one all-reduce for both projections' input grads
+        # backward: one all-reduce (SP: reduce-scatter) for both projections' input grads
+        x = gather_from_sp(x, self.ps.tp_group) if self.rt.sequence_parallel else copy_to_tp(x, self.ps.tp_group)
+        s, b, _ = x.shape
         kv = F.linear(x, w[:, 1:].reshape(nh * 2 * hd, -1), bias[:, 1:].reshape(-1))  # [s, b, nh · 2 · hd]
         q = F.linear(take_rows(x, index), w[:, 0].reshape(nh * hd, -1), bias[:, 0].reshape(-1))  # [n, b, nh · hd]
         n = q.shape[0]
@@ -221,8 +234,8 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rt: ModelRuntime, ps: ParallelState, layer: int,
                  init: InitMethod, out_init: InitMethod):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
-        sp = rt.sequence_parallel
+        self.cfg, self.layer, self.ps = cfg, layer, ps
+        self.sp = sp = rt.sequence_parallel
         self.input_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, sp)
         self.attention = SelfAttention(cfg, rt, ps, layer, init, out_init)
         self.post_attention_layernorm = make_layernorm(cfg.hidden_size, cfg.layernorm_epsilon, ps.device, sp)
@@ -298,27 +311,42 @@ class TransformerLayer(nn.Module):
     # ---- the last layer pruned to the rows the losses read: dctx.rows [b, n] names their positions.
     # Keys and values still come from every row; the queries, the output projection, the MLP and the
     # LayerNorms run on n rows (at seq 512 the MLM targets and [CLS] are 78 of 512 rows per sample).
+    # Under sequence parallel the rows are sharded like the sequence: after the output projection's
+    # reduce-scatter each rank holds n/tp of them, and the MLP runs on them as on a sequence shard.
     # The MLP halves repeat mlp_block's two lines as their own functions, so that a compiler caches
     # their graph (n rows) apart from every other layer's (s rows), not as one dynamic-shape graph.
+    def _rows_of(self, x: torch.Tensor, dctx: DropoutContext) -> torch.Tensor:
+        """The residual stream ``x`` at ``dctx.rows``: ``[n, b, h]`` (SP: this rank's ``[n/tp, b, h]``)."""
+        return rows_of_shards(x, dctx.rows, self.ps) if self.sp else take_rows(x, row_index(dctx.rows, x.shape[1]))
+
+    def rows_chunk(self, dctx: DropoutContext) -> DropoutContext:
+        """``dctx`` for the residual stream after the row-pruned attention (SP: this rank's chunk of the
+        rows, so that keyed dropout indexes its masks by their positions)."""
+        if not self.sp:
+            return dctx
+        n = dctx.rows.shape[1] // self.ps.tp_size
+        return dctx.at_rows(dctx.rows[:, self.ps.tp_rank * n:(self.ps.tp_rank + 1) * n])
+
     def attention_rows_block(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
-        index = row_index(dctx.rows, x.shape[1])
-        y = self.attention.forward_rows(self._norm(self.input_layernorm, x), index, mask, dctx)
-        return self._residual(y, self.attention.dense.bias, take_rows(x, index), dctx, _site(dctx, self.layer, 1))
+        y = self.attention.forward_rows(self._norm(self.input_layernorm, x), row_index(dctx.rows, x.shape[1]), mask,
+                                        dctx)
+        return self._residual(y, self.attention.dense.bias, self._rows_of(x, dctx), self.rows_chunk(dctx),
+                              _site(dctx, self.layer, 1))
 
     def mlp_rows_block(self, x: torch.Tensor, dctx: DropoutContext) -> torch.Tensor:
         y = self.mlp(self._norm(self.post_attention_layernorm, x))
         return self._residual(y, self.mlp.dense_4h_to_h.bias, x, dctx, _site(dctx, self.layer, 2))
 
     def forward_rows(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
-        """``[s, b, h]`` → the layer's output ``[n, b, h]`` at the positions ``dctx.rows``."""
-        return self.mlp_rows_block(self.attention_rows_block(x, mask, dctx), dctx)
+        """``[s, b, h]`` → the layer's output ``[n, b, h]`` at the positions ``dctx.rows`` (SP:
+        ``[s/tp, b, h]`` → this rank's ``[n/tp, b, h]``)."""
+        return self.mlp_rows_block(self.attention_rows_block(x, mask, dctx), self.rows_chunk(dctx))
 
     def attention_rows_fused(self, x, x_normed, mask, dctx: DropoutContext):
-        index = row_index(dctx.rows, x.shape[1])
-        y = self.attention.forward_rows(x_normed, index, mask, dctx)
+        y = self.attention.forward_rows(x_normed, row_index(dctx.rows, x.shape[1]), mask, dctx)
         n = self.post_attention_layernorm
-        return self._residual_norm(y, self.attention.dense.bias, take_rows(x, index), dctx, n.weight, n.bias, n.eps,
-                                   1)
+        return self._residual_norm(y, self.attention.dense.bias, self._rows_of(x, dctx), dctx, n.weight, n.bias,
+                                   n.eps, 1)
 
     def mlp_rows_fused(self, x, x_normed, dctx: DropoutContext, norm_weight, norm_bias, eps: float):
         y = self.mlp(x_normed)
@@ -352,9 +380,10 @@ class TransformerEncoder(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """``[s, b, h]`` → ``[s, b, h]``; with ``rows [b, n]`` (positions) the last layer computes only
-        those rows: → ``[n, b, h]``. Not under sequence parallel (the caller takes the rows after)."""
-        if rows is not None and (self.rt.sequence_parallel or not self.layers):
-            raise ValueError("pruning the last layer needs at least one layer and no sequence parallelism")
+        those rows: → ``[n, b, h]``. Sequence parallel: this rank's shard of either (``n`` a multiple
+        of tp)."""
+        if rows is not None and not self.layers:
+            raise ValueError("pruning the last layer needs at least one layer")
         if self.layers and self.layers[0].residual_norm and not torch.is_autocast_enabled(x.device.type):
             return self._forward_fused(x, mask, dctx, rows)
         last = len(self.layers) - 1
