@@ -39,9 +39,14 @@ def _buckets(tensors: list[torch.Tensor]):
             yield bucket
 
 
-def _allreduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0) -> None:
+def _allreduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0,
+                         dtype: torch.dtype | None = None) -> None:
+    """Sum (then scale) in place over the group, bucketed; ``dtype``: the sum's (e.g. fp32 for 16-bit
+    tensors: each result is rounded once, when copied back)."""
     for bucket in _buckets(tensors):
         flat = _flatten_dense_tensors(bucket)
+        if dtype is not None:
+            flat = flat.to(dtype)
         comm.all_reduce(flat, group)
         if scale != 1.0:
             flat.mul_(scale)
@@ -57,13 +62,17 @@ def allreduce_data_parallel_grads(params: Iterable[torch.nn.Parameter], ps: Para
     _allreduce_coalesced(grads, ps.dp_group, 1.0 / ps.dp_size if average else 1.0)
 
 
-def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState) -> None:
-    """Sum the partial grads of replicated params that live in sequence-parallel regions."""
+def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState,
+                                      grads: list[torch.Tensor] | None = None) -> None:
+    """Sum the partial grads of replicated params that live in sequence-parallel regions. ``grads``:
+    one per param, to sum instead of ``p.grad`` (16-bit grads an optimizer reads in place): summed in
+    fp32, each rounded once."""
     if ps.tp_size == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None and getattr(p, "sequence_parallel", False)]
-    if grads:
-        _allreduce_coalesced(grads, ps.tp_group)
+    pairs = zip(params, grads) if grads is not None else ((p, p.grad) for p in params)
+    partial = [g for p, g in pairs if g is not None and getattr(p, "sequence_parallel", False)]
+    if partial:
+        _allreduce_coalesced(partial, ps.tp_group, dtype=torch.float32 if grads is not None else None)
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type: float = 2.0,

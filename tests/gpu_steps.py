@@ -28,8 +28,10 @@ def small_config(steps: int, **train):
     return cfg
 
 
-def run_steps(cfg, ps: ParallelState, steps: int, pad: bool = True) -> tuple[list[float], Trainer]:
-    """Losses of ``steps`` train steps; the synthetic stream alternates two batches."""
+def run_steps(cfg, ps: ParallelState, steps: int, pad: bool = True,
+              record: list | None = None) -> tuple[list[float], Trainer]:
+    """Losses of ``steps`` train steps; the synthetic stream alternates two batches. ``record``: gets
+    each step's statistics (train_step's dict)."""
     trainer = Trainer(cfg, ps, None)
     trainer.writer.enabled = False
     trainer.task = SyntheticPretrainTask(cfg, ps, trainer.log, VOCAB, pad=pad)
@@ -37,7 +39,10 @@ def run_steps(cfg, ps: ParallelState, steps: int, pad: bool = True) -> tuple[lis
     batches = trainer.task.train_batches(0)
     out = []
     for _ in range(steps):
-        out.append(trainer.train_step(next(batches))["loss"])
+        stats = trainer.train_step(next(batches))
+        out.append(stats["loss"])
+        if record is not None:
+            record.append(stats)
         trainer.step += 1
     return out, trainer
 

@@ -213,7 +213,8 @@ class MasterWeightsOptimizer:
         keeps the first micro-batch's grads where autograd left them (:attr:`deferred`, for the grad norm)
         and the flat AdamW reads them through a pointer table (−0.6 ms copy and −0.2 ms of norm traffic
         at 345M on H200). Only for callers that do nothing else with master grads between backward and
-        step (no DP or sequence-parallel all-reduce, no fp16 unscaling): the trainer decides. A second
+        step (no DP all-reduce, no fp16 unscaling; a sequence-parallel sum must go to :attr:`deferred`):
+        the trainer decides. A second
         micro-batch, an unaligned grad or an optimizer that cannot read them copies as before. Returns
         whether it is on (the flat AdamW; its torch path, used on CPU by tests, copies inside its step)."""
         self._defer = self.flat is not None  # whether a step can read them: _can_defer asks the optimizer

@@ -131,10 +131,9 @@ class Trainer(CheckpointingMixin):
                  f"{n_params / 1e6:.1f}M per rank) | {ps}")
 
     def _grads_stay_local(self) -> bool:
-        """No DP all-reduce, no sequence-parallel grad sum, no fp16 unscaling between backward and step."""
-        ps = self.ps
-        return ps.dp_size == 1 and not (ps.tp_size > 1 and self.cfg.parallel.sequence_parallel) \
-            and self.cfg.train.precision == "bf16"
+        """No DP all-reduce and no fp16 unscaling between backward and step (the sequence-parallel grad
+        sum, of a few LayerNorm and bias grads, works on the bf16 grads where they are)."""
+        return self.ps.dp_size == 1 and self.cfg.train.precision == "bf16"
 
     def _use_cuda_graph(self) -> bool:
         if not self.cfg.train.cuda_graph:
@@ -217,7 +216,7 @@ class Trainer(CheckpointingMixin):
         self._enter(faults.GRAD_ALLREDUCE, n)
         # bf16 grads read in place (one micro-batch; only deferred where _grads_stay_local, see setup)
         deferred = self.optimizer.deferred if self.mixed else None
-        allreduce_sequence_parallel_grads(params, self.ps)
+        allreduce_sequence_parallel_grads(params, self.ps, grads=deferred)
         allreduce_data_parallel_grads(params, self.ps, average=False)  # losses are globally normalised
         if self.scaler.enabled:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / self.scaler.scale)
