@@ -48,19 +48,28 @@ class _ColumnParallelMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        group, sp = ctx.group, ctx.sequence_parallel
-        total = comm.all_gather_along_dim(x, group, 0, wait=False) if sp else x
-        grad_in = grad_out.matmul(weight)  # [s, b, in], partial over the TP ranks
-        if sp:
-            total = comm.wait(total)
-            grad_in = comm.reduce_scatter_along_dim(grad_in, group, 0, wait=False)  # → [s/tp, b, in]
-        else:
-            grad_in = comm.sum_across(grad_in, group, wait=False)
-        # Weight/bias gradients while the collective runs.
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_w = g2.t().matmul(total.reshape(-1, total.shape[-1]))
-        grad_b = g2.sum(0) if ctx.has_bias else None
-        return comm.wait(grad_in), grad_w, grad_b, None, None
+        grad_in, grad_w, grad_b = column_parallel_grads(grad_out, x, weight, ctx.group, ctx.sequence_parallel,
+                                                        ctx.has_bias)
+        return grad_in, grad_w, grad_b, None, None
+
+
+def column_parallel_grads(grad_out, x, weight, group, sequence_parallel: bool, bias_grad: bool = True):
+    """The backward of ``y = gather_or_copy(x) @ Wᵀ + b`` from ``grad_out [s, b, out/tp]`` and the saved
+    input (under SP this rank's shard ``[s/tp, b, in]``, re-gathered here behind the input-grad GEMM):
+    ``(grad_in, grad_w, grad_b or None)``, the input-grad collective running during the weight-grad
+    GEMM. For autograd Functions that fuse more into the column-parallel projection."""
+    total = comm.all_gather_along_dim(x, group, 0, wait=False) if sequence_parallel else x
+    grad_in = grad_out.matmul(weight)  # [s, b, in], partial over the TP ranks
+    if sequence_parallel:
+        total = comm.wait(total)
+        grad_in = comm.reduce_scatter_along_dim(grad_in, group, 0, wait=False)  # → [s/tp, b, in]
+    else:
+        grad_in = comm.sum_across(grad_in, group, wait=False)
+    # Weight/bias gradients while the collective runs.
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_w = g2.t().matmul(total.reshape(-1, total.shape[-1]))
+    grad_b = g2.sum(0) if bias_grad else None
+    return comm.wait(grad_in), grad_w, grad_b
 
 
 def column_parallel_linear(x, weight, bias, group, sequence_parallel: bool = False) -> torch.Tensor:

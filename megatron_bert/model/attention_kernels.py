@@ -13,8 +13,8 @@ cost more time than keeping it).
 The kernels read q, k, v straight from the QKV projection's output ``[s, b, heads · 3 · head_dim]``
 (per-head ``[q | k | v]``, as qkv_kernels.py), write the context as ``[s, b, heads · head_dim]`` (the
 output projection's input) and, in the backward, the gradient of the projection output in the same
-packed layout, so neither side needs a permuting copy; ``projected_attention`` (one TP rank) also
-folds the projection's bias grad into the backward kernels.
+packed layout, so neither side needs a permuting copy; ``projected_attention`` also folds the
+(column-parallel) projection's bias grad into the backward kernels.
 
     forward:  out = (P ⊙ Z) v,  P = softmax(q kᵀ / √d + key mask),  Z = keep / (1 − p)
     backward: dv = (P ⊙ Z)ᵀ do,  dP = (do vᵀ) ⊙ Z,  dS = P ⊙ (dP − δ),  δ = rowsum(do ⊙ out)
@@ -38,6 +38,9 @@ from . import attention_backward_kernels as bwd
 from .attention_backward_kernels import bias_partials
 from .drop_mask_kernels import drop_bits, keep_from_bits, mask_words
 from .qkv_kernels import projection_grads
+
+from parallel import comm
+from parallel.layers import column_parallel_grads
 
 
 def available() -> bool:
@@ -203,30 +206,40 @@ flash_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _ProjectedAttention(torch.autograd.Function):
-    """QKV projection + attention with the bias grad folded into the attention backward (one TP rank:
-    no communication around the projection). The weight grads are the projection's two GEMMs."""
+    """The (column-parallel) QKV projection + attention, the projection's bias grad folded into the
+    attention backward. The weight and input grads are the projection's two GEMMs; at TP > 1 with the
+    column-parallel collectives around them (parallel.layers.column_parallel_grads)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, key_valid, seed, heads: int, head_dim: int, p: float):
-        mixed = torch.nn.functional.linear(x, weight, bias)  # [s, b, heads · 3 · hd]
-        out, lse, bits = flash_attention(mixed, key_valid, seed, heads, head_dim, p, 0)
-        ctx.save_for_backward(x, weight, mixed, out, lse, bits, key_valid)
-        ctx.args = (heads, head_dim, p)
+    def forward(ctx, x, weight, bias, key_valid, seed, heads: int, head_dim: int, p: float, group, sp: bool):
+        tp = comm.group_size(group)
+        total = comm.all_gather_along_dim(x, group, 0) if sp and tp > 1 else x  # [s, b, h]
+        mixed = torch.nn.functional.linear(total, weight, bias)  # [s, b, heads · 3 · hd]
+        out, lse, bits = flash_attention(mixed, key_valid, seed, heads, head_dim, p, comm.group_rank(group))
+        ctx.save_for_backward(x, weight, mixed, out, lse, bits, key_valid)  # x: the shard under SP
+        ctx.args, ctx.group, ctx.sp = (heads, head_dim, p), group, sp and tp > 1
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, mixed, out, lse, bits, key_valid = ctx.saved_tensors
         dqkv, dbias = flash_attention_backward(dout, mixed, out, lse, bits, key_valid, *ctx.args, True)
-        dx, dweight = projection_grads(dqkv, x, weight)
-        return dx, dweight, dbias, None, None, None, None, None
+        if comm.group_size(ctx.group) == 1:
+            dx, dweight = projection_grads(dqkv, x, weight)
+        else:
+            dx, dweight, _ = column_parallel_grads(dqkv, x, weight, ctx.group, ctx.sp, bias_grad=False)
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 def projected_attention(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, key_valid: torch.Tensor | None,
-                        seed: torch.Tensor, heads: int, head_dim: int, p: float) -> torch.Tensor:
+                        seed: torch.Tensor, heads: int, head_dim: int, p: float, group=None,
+                        sequence_parallel: bool = False) -> torch.Tensor:
     """``flash_attention(linear(x, weight, bias), ...)``'s context ``[s, b, heads · head_dim]`` for
-    ``x [s, b, h]`` on one TP rank (``weight [heads · 3 · hd, h]`` in the per-head q|k|v order)."""
-    return _ProjectedAttention.apply(x, weight, bias, key_valid, seed, heads, head_dim, p)
+    ``x [s, b, h]`` (``weight [heads · 3 · hd, h]`` in the per-head q|k|v order). With a TP ``group``
+    the projection is column-parallel (``weight``, ``bias``: this rank's heads; under
+    ``sequence_parallel`` x is the sequence shard ``[s/tp, b, h]``) and the dropout mask is salted with
+    the TP rank."""
+    return _ProjectedAttention.apply(x, weight, bias, key_valid, seed, heads, head_dim, p, group, sequence_parallel)
 
 
 def reference(qkv: torch.Tensor, key_valid: torch.Tensor | None, bits: torch.Tensor | None, heads: int,

@@ -156,15 +156,10 @@ class SelfAttention(nn.Module):
         # salts its heads' masks with its rank: masks differ per rank as with the model-parallel
         # generator, without swapping generator states (which torch.compile breaks a graph at).
         seed = dctx.kernel_seed(0, x.device, p)
-        hd, qkv = self.cfg.head_dim, self.query_key_value
-        if self.ps.tp_size == 1:  # the bias grad folded into the attention backward
-            ctx = attention_kernels.projected_attention(x, qkv.weight, qkv.bias, key_valid, seed, self.heads_local,
-                                                        hd, p)
-        else:
-            mixed = qkv(x)  # [s, b, heads_local · 3 · hd] (full sequence under SP)
-            ctx = attention_kernels.flash_attention(mixed, key_valid, seed, self.heads_local, hd, p,
-                                                    self.ps.tp_rank)[0]
-        return self.dense(ctx)  # ctx: [s, b, h/tp]
+        qkv = self.query_key_value  # column-parallel; its bias grad folded into the attention backward
+        ctx = attention_kernels.projected_attention(x, qkv.weight, qkv.bias, key_valid, seed, self.heads_local,
+                                                    self.cfg.head_dim, p, self.ps.tp_group, self.rt.sequence_parallel)
+        return self.dense(ctx)  # ctx: [s, b, h/tp] (full sequence under SP)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, dctx: DropoutContext) -> torch.Tensor:
         if self._flash_ok(x, mask):
