@@ -50,8 +50,7 @@ def _allreduce_coalesced(tensors: list[torch.Tensor], group, scale: float = 1.0,
         comm.all_reduce(flat, group)
         if scale != 1.0:
             flat.mul_(scale)
-        for t, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            t.copy_(synced)
+        torch._foreach_copy_(bucket, list(_unflatten_dense_tensors(flat, bucket)))  # one launch, any dtypes
 
 
 def allreduce_data_parallel_grads(params: Iterable[torch.nn.Parameter], ps: ParallelState, average: bool = True) -> None:
