@@ -423,10 +423,10 @@ def test_the_deferred_grad_copy_sums_sequence_parallel_grads_like_the_copy(tmp_p
     grads in place, their SP sum (LayerNorms, row-parallel biases: partial per rank) done on them, and
     steps as the copy into fp32 master grads does: the same grad norms (a missed or doubled sum moves
     them, though AdamW's first steps would hide it) and losses."""
-    import flat_adamw_checks
+    import deferred_copy_checks
     from dist_harness import run_distributed
 
-    results = run_distributed(2, 2, flat_adamw_checks.sequence_parallel_steps, str(tmp_path))
+    results = run_distributed(2, 2, deferred_copy_checks.sequence_parallel_steps, str(tmp_path))
     for rank in results:
         deferred, copied = rank["1"], rank["0"]
         assert deferred["read_bf16"] and not copied["read_bf16"]
