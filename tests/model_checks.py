@@ -114,8 +114,8 @@ def target_positions(labels: torch.Tensor, spare: int = 2) -> torch.Tensor:
 def check_pruned_last_layer(ps: ParallelState):
     """The last layer computed only at [CLS] and the MLM targets (``target_positions``), at this TP size
     ± sequence parallel (the rows then sharded over the ranks, padded to a multiple of tp) ± recompute,
-    against the full TP=1 model: loss, binary loss, the targets' logits and every grad, keyed dropout on (its masks are indexed by
-    position, so the kept rows see the full layer's masks), padded batch."""
+    against the full TP=1 model: loss, binary loss, the targets' logits and every grad, keyed dropout on
+    (its masks are indexed by position, so the kept rows see the full layer's masks), padded batch."""
     cfg = tiny_config()
     batch = make_batch()
     targets = target_positions(batch["labels"])
