@@ -17,13 +17,14 @@ from torch import nn
 
 from parallel import ColumnParallelLinear, ParallelState, RowParallelLinear
 from parallel.init import InitMethod
-from parallel.mappings import copy_to_tp, gather_from_sp, reduce_scatter_to_sp
+from parallel.mappings import copy_to_tp, gather_from_sp
 from parallel.random import checkpoint
 
 from ..config import ModelConfig, ModelRuntime
 from .dropout import DropoutContext, layer_site
 from . import attention_kernels, dropout_kernels, layernorm_kernels, qkv_kernels, residual_norm_kernels
 from .fused import bias_dropout_add, compiled, fused_bias_activation
+from .rows import row_index, rows_of_shards, take_rows
 from .norm import make_layernorm
 
 _ACTIVATIONS = {
@@ -84,29 +85,6 @@ def _no_generator_swaps(q: torch.Tensor, dctx: DropoutContext) -> bool:
     same whether or not the step is captured); an eager full layer keeps SDPA's fused dropout."""
     return (dctx.rows is not None or torch.compiler.is_compiling()
             or (q.is_cuda and torch.cuda.is_current_stream_capturing()))
-
-
-def row_index(rows: torch.Tensor, batch: int) -> torch.Tensor:
-    """Positions ``rows [b, n]`` → indices into an ``[s, b, ...]`` tensor flattened over (s, b), slot
-    by slot: taking them gives ``[n, b, ...]``."""
-    return (rows.t() * batch + torch.arange(batch, device=rows.device)).reshape(-1)
-
-
-def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    # [s, b, h] → [n, b, h]
-    return x.reshape(-1, x.shape[-1]).index_select(0, index).view(-1, x.shape[1], x.shape[-1])
-
-
-def rows_of_shards(x: torch.Tensor, rows: torch.Tensor, ps: ParallelState) -> torch.Tensor:
-    """Sequence parallel: ``x [s/tp, b, h]`` is this rank's shard of the sequence, ``rows [b, n]``
-    positions in the whole of it (``n`` a multiple of tp) → this rank's chunk ``[n/tp, b, h]`` of the
-    rows. Each rank takes the rows that fall in its shard (zeros for the rest) and one reduce-scatter
-    sums them into place: ``[n, b, h]`` of traffic, where gathering ``x`` would move ``[s, b, h]``."""
-    s_local, b, _ = x.shape
-    local = rows - ps.tp_rank * s_local  # [b, n]
-    owned = (local >= 0) & (local < s_local)
-    taken = take_rows(x, row_index(local.clamp(0, s_local - 1), b))  # [n, b, h]
-    return reduce_scatter_to_sp(taken.masked_fill(~owned.t().unsqueeze(-1), 0.0), ps.tp_group)
 
 
 def _site(dctx: DropoutContext, layer: int, which: int) -> int:
