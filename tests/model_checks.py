@@ -148,6 +148,31 @@ def check_pruned_last_layer(ps: ParallelState):
     return report
 
 
+def check_rows_of_shards(ps: ParallelState):
+    """rows.rows_of_shards on sequence shards: this rank's chunk of the rows of the whole sequence,
+    exactly, with positions at the shards' edges and repeated ones (their grads add up), forward and
+    backward against take_rows on the unsharded tensor."""
+    from megatron_bert.model.rows import row_index, rows_of_shards, take_rows
+
+    s, b, h, tp, r = 16, 3, 5, ps.tp_size, ps.tp_rank
+    g = torch.Generator().manual_seed(4)
+    x, upstream = torch.randn(s, b, h, generator=g), torch.randn(8, b, h, generator=g)
+    edge = s // tp
+    rows = torch.tensor([[0, edge - 1, edge, s - 1, 5, 5, 2, 9], [s - 1, 0, 0, edge, 7, 3, 12, 1],
+                         [4, 4, 4, 4, 15, 14, 13, 0]])  # [b, n = 8]
+    ref = x.clone().requires_grad_()
+    full = take_rows(ref, row_index(rows, b))  # [n, b, h]
+    full.backward(upstream)
+    shard = x[r * edge:(r + 1) * edge].clone().requires_grad_()
+    n = rows.shape[1] // tp
+    got = rows_of_shards(shard, rows, ps)
+    assert torch.equal(got, full[r * n:(r + 1) * n].detach()), "rows_of_shards: rows differ"
+    got.backward(upstream[r * n:(r + 1) * n])
+    d = (shard.grad - ref.grad[r * edge:(r + 1) * edge]).abs().max().item()
+    assert d <= 1e-6, f"rows_of_shards: shard grad differs by {d:.3g}"
+    return "rows of shards ok"
+
+
 def run_all(ps: ParallelState):
     return [check_tp_equivalence(ps), check_native_recompute(ps), check_pruned_last_layer(ps)]
 

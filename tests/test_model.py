@@ -30,6 +30,11 @@ def test_tp_matches_tp1_with_dropout_sp_and_recompute(tp):
         assert len(pruned) == 6
 
 
+@pytest.mark.parametrize("tp", [2, 4])
+def test_rows_of_sequence_shards_are_the_rows_of_the_sequence(tp):
+    assert run_distributed(tp, tp, model_checks.check_rows_of_shards) == ["rows of shards ok"] * tp
+
+
 def test_pruned_last_layer_matches_the_full_model_in_one_process():
     """TP=1: the last layer at [CLS] and the MLM targets only gives the full model's losses, target
     logits and grads (keyed dropout on, padded batch, ± recompute; tests/model_checks.py)."""
