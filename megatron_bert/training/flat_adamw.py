@@ -31,7 +31,8 @@ torch's fused AdamW they agree to a few ulps, except that torch's CUDA kernel fo
 fp32 from an fp32 beta (1 - 0.999f is 1.3e-5 off 0.001) where this one, like torch's CPU AdamW, uses
 ``1 - beta`` computed in fp64: exp_avg_sq differs from torch's CUDA result by that factor.
 
-With one micro-batch per step and no all-reduce between backward and step, the copy of the 16-bit grads
+With one micro-batch per step and no DP all-reduce between backward and step (a sequence-parallel sum
+of a few grads works on the 16-bit grads in place), the copy of the 16-bit grads
 into the flat fp32 grad buffer (0.63 ms at 345M on H200) is skipped: ``FlatBuffers.grads16`` holds them
 where autograd left them, and a second kernel (``_adamw_table_kernel``, the same update and rounding)
 reads each through a table of their addresses, uploaded per step without a host sync (see
@@ -100,7 +101,7 @@ class FlatBuffers:
         # would add 4 bytes per parameter to the peak (+1.25 GiB at 345M, measured on H200).
         self.grad: torch.Tensor | None = None
         self.grads: list[torch.Tensor] | None = None
-        # Or, with one micro-batch and nothing to all-reduce (MasterWeightsOptimizer.enable_deferred_copy),
+        # Or, with one micro-batch and no DP all-reduce (MasterWeightsOptimizer.enable_deferred_copy),
         # the step's 16-bit grads as autograd left them, read by the optimizer through a pointer table.
         self.grads16: list[torch.Tensor] | None = None
         self._tables = None  # per group: the table kernel's block rows (block_tables)
