@@ -122,14 +122,15 @@ def vocab_parallel_cross_entropy(
     """Per-token loss ``[...]`` (0 at ignored positions) from vocab-parallel logits ``[..., V/tp]``.
 
     The returned gradient has the logits' dtype cast by autograd; math is fp32 throughout.
-    ``compiled`` (GPU): the same loss as torch.compile'd plain torch ops instead.
+    ``compiled``: on GPU, the same loss as torch.compile'd plain torch ops instead (ignored on CPU,
+    where Inductor would need a C++ toolchain and buys nothing).
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
-    if compiled and comm.group_size(group) == 1:
-        return _compiled(False)(logits, target, ignore_index, label_smoothing)
-    if compiled:
+    if compiled and logits.is_cuda:
+        if comm.group_size(group) == 1:
+            return _compiled(False)(logits, target, ignore_index, label_smoothing)
         return _compiled(True)(logits, target, group, ignore_index, label_smoothing)
     return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, label_smoothing)
