@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import random
 import time
 
 import pytest
@@ -65,8 +66,10 @@ def test_metadata_reader_refuses_code_tensors_and_escaping_paths(tmp_path):
         "os.system via a dotted name inside an allowed DCP module": pickle_dotted_os_system(marker),
         "a tensor": pickle.dumps(torch.zeros(2)),
         "a plain dict": pickle.dumps({"state_dict_metadata": {}}),
-        "random bytes": os.urandom(2000),
+        "random bytes": random.Random(3).randbytes(2000),
         "a truncated real file": real[: len(real) // 2],
+        "a first frame claiming a terabyte": real[:3] + (1 << 40).to_bytes(8, "little") + real[11:],
+        "a protocol-0 pickle": pickle.dumps({"state_dict_metadata": {}}, protocol=0),
     }
     # a well-formed metadata whose storage points outside the checkpoint directory
     md.storage_data = {k: type(v)(relative_path="../../etc/passwd", offset=v.offset, length=v.length)

@@ -98,13 +98,27 @@ def _check_metadata(metadata) -> None:
             raise pickle.UnpicklingError(f"storage file name {rel!r} points outside the checkpoint directory")
 
 
+def _check_pickle_header(data: bytes) -> None:
+    """DCP writes its metadata with pickle protocol 2 or later: the PROTO opcode first and, from
+    protocol 4, a first frame no longer than the file. Anything else is refused before unpickling:
+    random bytes can make the unpickler try to allocate gigabytes (MemoryError, and a stray
+    SystemError line on stderr as its buffers are freed)."""
+    if len(data) < 2 or data[0] != 0x80 or not 2 <= data[1] <= pickle.HIGHEST_PROTOCOL:
+        raise pickle.UnpicklingError("not a pickle of protocol 2 or later")
+    if data[1] >= 4 and len(data) > 2 and data[2] == 0x95:  # FRAME + 8-byte length
+        if len(data) < 11 or int.from_bytes(data[3:11], "little") > len(data) - 11:
+            raise pickle.UnpicklingError("its first pickle frame runs past the end of the file")
+
+
 class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
         path = self._get_metadata_path(rank)
         try:
             with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+                data = f.read()
+            _check_pickle_header(data)
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
             _check_metadata(metadata)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path} has no DCP metadata file: it is not a complete checkpoint") from None
