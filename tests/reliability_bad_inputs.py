@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -159,7 +160,7 @@ def prepare(work: Path, data: dict, step: Path) -> Path:
     assert int(IndexedDataset(src).tokens.max()) >= 20  # so a 20-token vocab cannot cover the data
     (bad / "small_vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
                                                   + [f"w{i}" for i in range(15)]) + "\n")
-    (bad / "garbage.model").write_bytes(os.urandom(2048))
+    (bad / "garbage.model").write_bytes(random.Random(1).randbytes(2048))  # seeded: one path every run
 
     def ckpt_copy(name, damage):
         d = bad / name / "step_2"
@@ -171,7 +172,7 @@ def prepare(work: Path, data: dict, step: Path) -> Path:
     ckpt_copy("bad_version", lambda d: (d / "meta.json").write_text(
         json.dumps({**json.loads((d / "meta.json").read_text()), "format_version": 99})))
     ckpt_copy("no_shard", lambda d: [p.unlink() for p in d.glob("*.distcp")])
-    ckpt_copy("bad_rng", lambda d: (d / "rng" / "rank_00000.pt").write_bytes(os.urandom(512)))
+    ckpt_copy("bad_rng", lambda d: (d / "rng" / "rank_00000.pt").write_bytes(random.Random(2).randbytes(512)))
     ckpt_copy("dotted", lambda d: (d / ".metadata").write_bytes(pickle_dotted_os_system(work / "PWNED")))
     return bad
 
