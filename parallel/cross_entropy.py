@@ -9,49 +9,48 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.distributed as dist
 
 from . import comm
 from .mappings import reduce_from_tp
+
+
+def _shifted_and_target(logits, target, group, ignore_index: int):
+    """fp32 logits ``[..., V/tp]`` less each token's max over the whole vocabulary (a constant shift: no
+    gradient through it), and per token: the target's shifted logit where this rank holds the target
+    (else 0), its index in this rank's slice (0 where outside), ``outside`` and ``ignored``."""
+    logits = logits.float()
+    part = logits.shape[-1]
+    shifted = logits - comm.max_across(logits.detach().amax(dim=-1), group).unsqueeze(-1)
+    ignored = target == ignore_index
+    local = target - comm.group_rank(group) * part
+    outside = (local < 0) | (local >= part) | ignored
+    local = local.masked_fill(outside, 0)
+    target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+    return shifted, target_logit, local, outside, ignored
+
+
+def _loss(sums, vocab_size: int, label_smoothing: float, ignored):
+    """The loss from the all-reduced per-token sums ``[target logit, sum of exps(, sum of logits)]``."""
+    log_z = sums[1].log()
+    loss = log_z - sums[0]
+    if label_smoothing > 0:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * (sums[2] / vocab_size - log_z)
+    return loss.masked_fill(ignored, 0.0)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, ignore_index, label_smoothing):
         # logits: [..., V/tp] (any dtype; computed in fp32)   target: [...]
-        logits = logits.float()
-        tp = comm.group_size(group)
-        part = logits.shape[-1]
-        vocab_size = part * tp
-        start = comm.group_rank(group) * part
-
-        max_logit = logits.max(dim=-1).values
-        if tp > 1:
-            dist.all_reduce(max_logit, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - max_logit.unsqueeze(-1)
-
-        ignored = target == ignore_index
-        local_target = target - start
-        outside = (local_target < 0) | (local_target >= part) | ignored
-        local_target = local_target.masked_fill(outside, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-
+        vocab_size = logits.shape[-1] * comm.group_size(group)
+        shifted, target_logit, local_target, outside, ignored = _shifted_and_target(logits, target, group, ignore_index)
         exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)
-        stats = torch.stack([target_logit, sum_exp], dim=0)
-        if label_smoothing > 0:
-            stats = torch.cat([stats, shifted.sum(dim=-1).unsqueeze(0)], dim=0)
+        sums = [target_logit, exp.sum(dim=-1)] + ([shifted.sum(dim=-1)] if label_smoothing > 0 else [])
+        stats = torch.stack(sums, dim=0)
         comm.all_reduce(stats, group)  # one collective for all per-token sums
-        target_logit, sum_exp = stats[0], stats[1]
+        loss = _loss(stats, vocab_size, label_smoothing, ignored)
 
-        log_z = sum_exp.log()
-        loss = log_z - target_logit
-        if label_smoothing > 0:
-            mean_log_prob = stats[2] / vocab_size - log_z
-            loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_log_prob
-        loss = loss.masked_fill(ignored, 0.0)
-
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        softmax = exp.div_(stats[1].unsqueeze(-1))
         ctx.save_for_backward(softmax, local_target, outside, ignored)
         ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
         return loss
@@ -84,24 +83,11 @@ def _local_cross_entropy(logits, target, ignore_index: int, label_smoothing: flo
 def _split_cross_entropy(logits, target, group, ignore_index: int, label_smoothing: float):
     """The vocab-parallel loss in plain torch ops for torch.compile at TP > 1: the per-token sums cross
     the ranks through ``reduce_from_tp`` (backward: identity, as every rank's loss is the same), so
-    autograd derives the Function's backward; the max is a constant shift (no gradient)."""
-    logits = logits.float()
-    part = logits.shape[-1]
-    start = comm.group_rank(group) * part
-    shifted = logits - comm.max_across(logits.detach().amax(dim=-1), group).unsqueeze(-1)
-    ignored = target == ignore_index
-    local = target - start
-    outside = (local < 0) | (local >= part) | ignored
-    target_logit = shifted.gather(-1, local.masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
-    sums = [target_logit.masked_fill(outside, 0.0), shifted.exp().sum(dim=-1)]
-    if label_smoothing > 0:
-        sums.append(shifted.sum(dim=-1))
+    autograd derives the Function's backward."""
+    shifted, target_logit, _, _, ignored = _shifted_and_target(logits, target, group, ignore_index)
+    sums = [target_logit, shifted.exp().sum(dim=-1)] + ([shifted.sum(dim=-1)] if label_smoothing > 0 else [])
     sums = reduce_from_tp(torch.stack(sums), group)  # one collective for all per-token sums
-    log_z = sums[1].log()
-    loss = log_z - sums[0]
-    if label_smoothing > 0:
-        loss = (1.0 - label_smoothing) * loss - label_smoothing * (sums[2] / (part * comm.group_size(group)) - log_z)
-    return loss.masked_fill(ignored, 0.0)
+    return _loss(sums, logits.shape[-1] * comm.group_size(group), label_smoothing, ignored)
 
 
 @functools.lru_cache(maxsize=None)

@@ -212,12 +212,11 @@ class _ProjectedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, key_valid, seed, heads: int, head_dim: int, p: float, group, sp: bool):
-        tp = comm.group_size(group)
-        total = comm.all_gather_along_dim(x, group, 0) if sp and tp > 1 else x  # [s, b, h]
+        total = comm.all_gather_along_dim(x, group, 0) if sp else x  # [s, b, h]
         mixed = torch.nn.functional.linear(total, weight, bias)  # [s, b, heads · 3 · hd]
         out, lse, bits = flash_attention(mixed, key_valid, seed, heads, head_dim, p, comm.group_rank(group))
         ctx.save_for_backward(x, weight, mixed, out, lse, bits, key_valid)  # x: the shard under SP
-        ctx.args, ctx.group, ctx.sp = (heads, head_dim, p), group, sp and tp > 1
+        ctx.args, ctx.group, ctx.sp = (heads, head_dim, p), group, sp
         return out
 
     @staticmethod
