@@ -16,7 +16,4 @@ run 90 python3 $A --tp 4 --fake-tp --tag fake_tp4
 run 90 python3 $A --tp 4 --sp --fake-tp --tag fake_tp4_sp
 run 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "tp_rank_step or sharing_one_gpu or resumes_from_its_checkpoint"
 grep -E "rc=|passed|failed|Error" "$LOG" | cut -c1-300
-grep "^RESULT" "$LOG" | python3 -c "
-import json, sys
-for ln in sys.stdin:
-    r = json.loads(ln[7:]); print(r['tag'], r['step_ms'], r['seq_per_s'], r['mfu_989'], r['mem_gib'])"
+python3 bench/report.py "$LOG"
