@@ -430,9 +430,14 @@ def test_the_deferred_grad_copy_sums_sequence_parallel_grads_like_the_copy(tmp_p
     for rank in results:
         deferred, copied = rank["1"], rank["0"]
         assert deferred["read_bf16"] and not copied["read_bf16"]
-        # the SP sums rounded to bf16 once more on the deferred path: norms ~1e-5 apart (measured)
-        for a, b in zip(deferred["norms"], copied["norms"]):
-            assert abs(a - b) <= 1e-4 * b, (deferred["norms"], copied["norms"])
+        # The SP sums are rounded to bf16 once more on the deferred path: from the same weights (step 1)
+        # the norms sit ~1e-5 apart. Later steps start from weights a bf16 rounding flip apart, and the
+        # gap grows with the CPU's reduction order (measured up to 9e-4 at step 3 on an AMD EPYC). A
+        # missed SP sum moves them 3.5% at step 1 and 11% at step 2 (measured by breaking it).
+        (a, *later_a), (b, *later_b) = deferred["norms"], copied["norms"]
+        assert abs(a - b) <= 1e-4 * b, (deferred["norms"], copied["norms"])
+        for a, b in zip(later_a, later_b):
+            assert abs(a - b) <= 5e-3 * b, (deferred["norms"], copied["norms"])
         assert deferred["losses"][0] == copied["losses"][0]
         for a, b in zip(deferred["losses"], copied["losses"]):
             assert abs(a - b) <= 2e-5 * abs(b), (deferred["losses"], copied["losses"])
