@@ -60,6 +60,9 @@ CASES = [
     # ---- data
     ("data-missing-prefix", ["data.prefix={bad}/nope/docs"], {}, "nope/docs"),
     ("data-prefix-unset", ["data.prefix=null"], {}, "data.prefix is not set"),
+    ("data-blend-member-missing", ["data.prefix=[0.5,{data},0.5,{bad}/nope/docs]"], {}, "nope/docs.idx"),
+    ("data-blend-out-of-order", ["data.prefix=[0.5,{data},{data}]"], {}, "mixes weights and paths out of order"),
+    ("data-blend-zero-weight", ["data.prefix=[0,{data}]"], {}, "weights must be finite and > 0"),
     ("data-truncated-idx", ["data.prefix={bad}/trunc_idx/docs"], {}, "truncated"),
     ("data-truncated-bin", ["data.prefix={bad}/trunc_bin/docs"], {}, "truncated or corrupt data"),
     ("data-missing-bin", ["data.prefix={bad}/no_bin/docs"], {}, "indexed dataset file missing"),

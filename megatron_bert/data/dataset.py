@@ -155,13 +155,15 @@ class BertPretrainingDataset:
     sample_id. `len(ds)` is one epoch; any i >= 0 is valid."""
 
     def __init__(self, data, tokenizer, mapping, seq_length, seed, split="train", binary_head="sop",
-                 masked_lm_prob=0.15, whole_word_masking=False, max_predictions=None):
+                 masked_lm_prob=0.15, whole_word_masking=False, max_predictions=None, stream=0):
         self.data = data if isinstance(data, IndexedDataset) else IndexedDataset(data)
         self.mapping = np.asarray(mapping)
         self.seq_length = int(seq_length)
         self.seed = int(seed)
         self.split = split
         self.split_code = SPLITS[split]
+        # Blend members k > 0 (data/blend.py) append k to every random key; 0 keeps the plain keys.
+        self._stream = (int(stream),) if stream else ()
         self.binary_head = _norm_binary_head(binary_head)
         self.masked_lm_prob = masked_lm_prob
         self.max_predictions = max_predictions
@@ -186,7 +188,8 @@ class BertPretrainingDataset:
             raise IndexError(f"the {self.split} split has no samples")
         epoch, pos = divmod(i, n)
         if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, self.split_code, 1, epoch]).permutation(n))
+            rng = np.random.default_rng([self.seed, self.split_code, 1, epoch, *self._stream])
+            self._perm = (epoch, rng.permutation(n))
         return int(self._perm[1][pos])
 
     def __getitem__(self, i):
@@ -194,7 +197,7 @@ class BertPretrainingDataset:
         if i < 0:
             raise IndexError(f"sample index must be >= 0, got {i}")
         d, first, end, target = (int(x) for x in self.mapping[self._position(i)])
-        rng = np.random.default_rng([self.seed, self.split_code, 0, i])
+        rng = np.random.default_rng([self.seed, self.split_code, 0, i, *self._stream])
         label = 0
         if self.binary_head and end - first >= 2:
             cut = first + int(rng.integers(1, end - first))
@@ -273,8 +276,9 @@ class BertPretrainingDataset:
 
 def build_pretraining_datasets(prefix, tokenizer, seq_length, seed, valid_fraction=0.02, binary_head="sop",
                                masked_lm_prob=0.15, whole_word_masking=False, short_seq_prob=0.1,
-                               cache_dir=None, max_predictions=None):
-    """(train_ds, valid_ds) over the indexed dataset at `prefix`, split by documents."""
+                               cache_dir=None, max_predictions=None, stream=0):
+    """(train_ds, valid_ds) over the indexed dataset at `prefix`, split by documents. ``stream``: the
+    member's number in a blend (its own random draws)."""
     from .tokenizers import load_tokenizer
 
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -290,6 +294,6 @@ def build_pretraining_datasets(prefix, tokenizer, seq_length, seed, valid_fracti
         need = "two or more sentences" if _norm_binary_head(binary_head) else "one sentence"
         raise ValueError(f"{prefix}: no training samples (documents need {need}); add more text")
     common = dict(seq_length=seq_length, seed=seed, binary_head=binary_head, masked_lm_prob=masked_lm_prob,
-                  whole_word_masking=whole_word_masking, max_predictions=max_predictions)
+                  whole_word_masking=whole_word_masking, max_predictions=max_predictions, stream=stream)
     return (BertPretrainingDataset(data, tokenizer, maps["train"], split="train", **common),
             BertPretrainingDataset(data, tokenizer, maps["valid"], split="valid", **common))

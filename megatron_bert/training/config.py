@@ -47,7 +47,7 @@ class ParallelSchema:
 @dataclass
 class DataSchema:
     name: str = "quickstart"
-    prefix: Optional[str] = None
+    prefix: Optional[Any] = None  # PATH, [PATH, ...] or [WEIGHT, PATH, ...] (data/blend.py)
     tokenizer: Optional[str] = None
     cache_dir: Optional[str] = None
     seq_length: int = 128
@@ -267,6 +267,14 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if value is not None and not 1 <= value <= max_pos:
             raise ConfigError(f"{key}={value} must be in [1, model.max_position_embeddings={max_pos}]: "
                               "shorten the sequences or raise model.max_position_embeddings")
+    if cfg.data.prefix is not None:
+        from ..data.blend import BlendError, parse_blend
+
+        prefix = cfg.data.prefix
+        try:
+            parse_blend(OmegaConf.to_container(prefix) if OmegaConf.is_config(prefix) else prefix)
+        except BlendError as e:
+            raise ConfigError(str(e)) from None
     if not 0 < cfg.data.masked_lm_prob <= 1:
         raise ConfigError(f"data.masked_lm_prob={cfg.data.masked_lm_prob} must be in (0, 1]")
     if cfg.optim.min_lr < 0 or cfg.optim.min_lr > tr.lr:

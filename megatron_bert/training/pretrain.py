@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import ListConfig, OmegaConf
 
 from parallel import ParallelState
 
@@ -39,10 +40,13 @@ class PretrainTask:
     # ------------------------------------------------------------------ data
     def setup(self):
         """Tokenizer + datasets. Rank 0 builds caches first; the others then just load them."""
-        from ..data import build_pretraining_datasets, load_tokenizer, prepare_quickstart
+        from ..data import load_tokenizer, prepare_quickstart
+        from ..data.blend import BlendedDataset, build_blended_pretraining_datasets, parse_blend
 
         d = self.cfg.data
         prefix, tokenizer = d.prefix, d.tokenizer
+        if isinstance(prefix, ListConfig):
+            prefix = OmegaConf.to_container(prefix)
         for rank_turn in (True, False):
             if self.ps.is_main == rank_turn:
                 if prefix is None:
@@ -55,14 +59,16 @@ class PretrainTask:
                 if tokenizer is None:
                     raise ValueError("data.tokenizer is not set: give data.tokenizer=vocab.txt or a .model file")
                 self.tokenizer = load_tokenizer(tokenizer)
-                self.train_ds, self.valid_ds = build_pretraining_datasets(
-                    prefix, self.tokenizer, d.seq_length, self.cfg.train.seed, valid_fraction=d.valid_fraction,
+                self.train_ds, self.valid_ds = build_blended_pretraining_datasets(
+                    parse_blend(prefix), self.tokenizer, d.seq_length, self.cfg.train.seed, valid_fraction=d.valid_fraction,
                     binary_head=None if d.binary_head == "none" else d.binary_head, masked_lm_prob=d.masked_lm_prob,
                     whole_word_masking=d.whole_word_masking, short_seq_prob=d.short_seq_prob, cache_dir=d.cache_dir)
             self.ps.barrier()
         self.tokenizer_path = str(Path(tokenizer).resolve())
-        self.data_prefix = str(prefix)
-        self.log(f"data: {len(self.train_ds)} train / {len(self.valid_ds)} valid samples per epoch from {prefix}")
+        self.data_prefix = prefix if isinstance(prefix, list) else str(prefix)
+        source = (f"a blend of {self.train_ds.describe()}" if isinstance(self.train_ds, BlendedDataset)
+                  else prefix)
+        self.log(f"data: {len(self.train_ds)} train / {len(self.valid_ds)} valid samples per epoch from {source}")
         return self.tokenizer.vocab_size
 
     def train_batches(self, consumed_samples: int):
