@@ -1,9 +1,11 @@
 """Text -> sentence-split token ids -> mmap indexed dataset (P.bin + P.idx).
 
-    python -m megatron_bert.preprocess --input F --output-prefix P --tokenizer T [--workers N]
+    python -m megatron_bert.preprocess --input F [F ...] --output-prefix P --tokenizer T [--workers N]
 
 Input: JSON lines (`{"text": ...}` per line, key set by --json-key) or plain text (documents separated
-by blank lines); auto-detected from the extension (.jsonl/.json -> JSON lines) or set with --format.
+by blank lines); auto-detected per file from the extension (.jsonl/.json -> JSON lines) or set with
+--format. Several files and glob patterns (``'shards/*.jsonl.gz'``, ``**`` recurses) make one dataset,
+documents in the order given (each pattern's matches sorted); .gz/.bz2/.xz files are read compressed.
 Bad documents (invalid JSON, missing key, non-string value, empty, binary, non-UTF-8) are skipped and
 reported in the summary with line numbers; --strict stops at the first one (exit 2) instead. Errors are
 one line on stderr, never a traceback (set MEGATRON_BERT_DEBUG=1 to see one). Outputs are written under
@@ -12,7 +14,11 @@ temporary names and renamed, so a crash never leaves a half-written index.
 from __future__ import annotations
 
 import argparse
+import bz2
+import glob
+import gzip
 import json
+import lzma
 import multiprocessing as mp
 import os
 import re
@@ -36,7 +42,8 @@ class UsageError(Exception):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m megatron_bert.preprocess", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="JSON-lines or plain-text file")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="JSON-lines or plain-text files or glob patterns (.gz/.bz2/.xz read compressed)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--tokenizer", required=True, help="WordPiece vocab.txt or SentencePiece .model")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
@@ -53,25 +60,84 @@ def parse_args(argv):
 
 
 # --------------------------------------------------------------------------- reading
-def read_records(path, fmt):
-    """Yield (line_number, raw_bytes) per document, without decoding (workers decode and validate)."""
-    with open(path, "rb") as f:
-        if fmt == "jsonl":
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield n, line
-            return
-        block, start = [], 0
+_OPENERS = {".gz": gzip.GzipFile, ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def expand_inputs(inputs):
+    """Paths and glob patterns → the files, in the order given (a pattern's matches sorted)."""
+    files = []
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        item = os.fspath(item)
+        if _GLOB_CHARS.search(item):
+            matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise UsageError(f"no input file matches {item!r}: check the pattern (quote it so the shell "
+                                 "does not expand it)")
+            files += matches
+        elif os.path.isdir(item):
+            raise UsageError(f"input {item} is a directory: give its files or a pattern like '{item}/*.jsonl'")
+        elif not os.path.isfile(item):
+            raise UsageError(f"input file not found: {item}")
+        else:
+            files.append(item)
+    return files
+
+
+def _format_of(path, fmt):
+    if fmt != "auto":
+        return fmt
+    name = path.lower()
+    for ext in _OPENERS:
+        name = name.removesuffix(ext)
+    return "jsonl" if name.endswith((".jsonl", ".json")) else "text"
+
+
+class InputReader:
+    """Records of every input file in turn, as ``((file_index, line_number), format, raw_bytes)``; ``disk_bytes``
+    is how far into the inputs (on disk, compressed or not) reading has got, for the progress bar."""
+
+    def __init__(self, files, fmt):
+        self.files, self.fmt = files, fmt
+        self.total_bytes = sum(os.path.getsize(f) for f in files)
+        self.disk_bytes = 0
+
+    def __iter__(self):
+        done = 0
+        for k, path in enumerate(self.files):
+            with open(path, "rb") as disk:
+                opener = _OPENERS.get(os.path.splitext(path)[1].lower())
+                f = opener(fileobj=disk) if opener is gzip.GzipFile else opener(disk) if opener else disk
+                fmt = _format_of(path, self.fmt)
+                try:
+                    for line, raw in read_records(f, fmt):
+                        self.disk_bytes = done + disk.tell()
+                        yield (k, line), fmt, raw
+                except (OSError, EOFError, lzma.LZMAError) as e:
+                    raise UsageError(f"{path}: cannot read it ({e}): is the file complete?") from None
+            done += os.path.getsize(path)
+            self.disk_bytes = done
+
+
+def read_records(f, fmt):
+    """Yield (line_number, raw_bytes) per document of the binary file ``f``, without decoding (workers
+    decode and validate)."""
+    if fmt == "jsonl":
         for n, line in enumerate(f, 1):
             if line.strip():
-                if not block:
-                    start = n
-                block.append(line)
-            elif block:
-                yield start, b"".join(block)
-                block = []
-        if block:
+                yield n, line
+        return
+    block, start = [], 0
+    for n, line in enumerate(f, 1):
+        if line.strip():
+            if not block:
+                start = n
+            block.append(line)
+        elif block:
             yield start, b"".join(block)
+            block = []
+    if block:
+        yield start, b"".join(block)
 
 
 _CONTROL = re.compile(r"[\x01-\x08\x0e-\x1f]")
@@ -112,36 +178,36 @@ def extract_text(raw, fmt, key):
 
 # --------------------------------------------------------------------------- workers
 _TOK = None
-_CFG = None
+_KEY = None
 
 
-def _set_worker_state(tok, fmt, key):
-    global _TOK, _CFG
-    _TOK, _CFG = tok, (fmt, key)
+def _set_worker_state(tok, key):
+    global _TOK, _KEY
+    _TOK, _KEY = tok, key
 
 
-def _init_worker(tokenizer_path, lower_case, fmt, key):
-    _set_worker_state(load_tokenizer(tokenizer_path, lower_case=lower_case), fmt, key)
+def _init_worker(tokenizer_path, lower_case, key):
+    _set_worker_state(load_tokenizer(tokenizer_path, lower_case=lower_case), key)
 
 
 def _process(record):
-    """(line, nbytes, (flat token array, sentence lengths) or None, reason).
+    """(where, nbytes, (flat token array, sentence lengths) or None, reason).
 
     One flat array per document (in the output dtype) instead of one array per sentence keeps the
     pickling between worker and writer cheap.
     """
-    line, raw = record
-    text, reason = extract_text(raw, *_CFG)
+    where, fmt, raw = record
+    text, reason = extract_text(raw, fmt, _KEY)
     if text is None:
-        return line, len(raw), None, reason
+        return where, len(raw), None, reason
     flat, lengths = [], []
     for ids in map(_TOK.encode, split_sentences(text)):
         if ids:
             flat.extend(ids)
             lengths.append(len(ids))
     if not lengths:
-        return line, len(raw), None, "no tokens after tokenization"
-    return line, len(raw), (np.array(flat, dtype=best_dtype(_TOK.vocab_size)), lengths), None
+        return where, len(raw), None, "no tokens after tokenization"
+    return where, len(raw), (np.array(flat, dtype=best_dtype(_TOK.vocab_size)), lengths), None
 
 
 # --------------------------------------------------------------------------- progress
@@ -177,59 +243,62 @@ class Progress:
 # --------------------------------------------------------------------------- main work
 def preprocess(input_path, output_prefix, tokenizer_path, workers=1, fmt="auto", json_key="text",
                lower_case=None, strict=False, progress=False, log=None):
-    """Run the pipeline; returns a stats dict. Raises UsageError for reportable problems."""
+    """Run the pipeline on one input (path or pattern) or a list of them; returns a stats dict.
+    Raises UsageError for reportable problems."""
     log = log or (lambda s: print(s, file=sys.stderr))
-    input_path, output_prefix, tokenizer_path = map(os.fspath, (input_path, output_prefix, tokenizer_path))
-    if not os.path.isfile(input_path):
-        raise UsageError(f"input file not found: {input_path}")
+    output_prefix, tokenizer_path = os.fspath(output_prefix), os.fspath(tokenizer_path)
+    files = expand_inputs(input_path)
     if not os.path.exists(tokenizer_path):
         raise UsageError(f"tokenizer not found: {tokenizer_path}")
-    if fmt == "auto":
-        fmt = "jsonl" if input_path.lower().endswith((".jsonl", ".json")) else "text"
     try:
         tok = load_tokenizer(tokenizer_path, lower_case=lower_case)
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(f"cannot load tokenizer {tokenizer_path}: {e}") from None
-    total_bytes = os.path.getsize(input_path)
-    stats = {"documents": 0, "sentences": 0, "tokens": 0, "bytes": 0, "skipped": {}, "format": fmt}
-    bar = Progress(total_bytes, progress)
+    reader = InputReader(files, fmt)
+    formats = sorted({_format_of(f, fmt) for f in files})
+    stats = {"documents": 0, "sentences": 0, "tokens": 0, "bytes": 0, "skipped": {}, "files": len(files),
+             "format": formats[0] if len(formats) == 1 else "+".join(formats)}
+    bar = Progress(reader.total_bytes, progress)
     t0 = time.time()
     pool = None
     ok = False
-    records = read_records(input_path, fmt)
+
+    def where(w):  # a bad document's place: the line, and its file when there are several
+        return f"{files[w[0]]}:{w[1]}" if len(files) > 1 else str(w[1])
+
     try:
         if workers > 1:
             pool = mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(
-                workers, _init_worker, (tokenizer_path, lower_case, fmt, json_key))
+                workers, _init_worker, (tokenizer_path, lower_case, json_key))
             # imap keeps input order, so the output is identical for any number of workers.
-            results = pool.imap(_process, records, chunksize=64)
+            results = pool.imap(_process, reader, chunksize=64)
         else:
-            _set_worker_state(tok, fmt, json_key)
-            results = map(_process, records)
+            _set_worker_state(tok, json_key)
+            results = map(_process, reader)
         with IndexedDatasetWriter(output_prefix, dtype=best_dtype(tok.vocab_size)) as w:
-            for line, nbytes, doc, reason in results:
+            for place, nbytes, doc, reason in results:
                 stats["bytes"] += nbytes
                 if doc is None:
                     if strict:
-                        raise UsageError(f"{input_path}:{line}: {reason} (drop --strict to skip bad documents)",
-                                         code=2)
-                    lines = stats["skipped"].setdefault(reason.split(" (")[0], [])
-                    lines.append(line)
+                        raise UsageError(f"{files[place[0]]}:{place[1]}: {reason} "
+                                         "(drop --strict to skip bad documents)", code=2)
+                    stats["skipped"].setdefault(reason.split(" (")[0], []).append(where(place))
                 else:
                     w.add_flat_document(*doc)
                     stats["documents"] += 1
                     stats["sentences"] += len(doc[1])
                     stats["tokens"] += doc[0].size
-                bar.update(stats["bytes"], stats["documents"])
+                bar.update(reader.disk_bytes, stats["documents"])
             if stats["documents"] == 0:
-                raise UsageError(f"{input_path}: no valid documents"
-                                 + (f" (json key {json_key!r})" if fmt == "jsonl" else ""))
+                named = files[0] if len(files) == 1 else f"{len(files)} input files"
+                raise UsageError(f"{named}: no valid documents"
+                                 + (f" (json key {json_key!r})" if "jsonl" in formats else ""))
         ok = True
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        bar.close(stats["bytes"], stats["documents"], ok)
+        bar.close(reader.total_bytes, stats["documents"], ok)
     stats["seconds"] = time.time() - t0
     stats["dtype"] = str(best_dtype(tok.vocab_size).__name__)
     _report(stats, output_prefix, log)
@@ -241,7 +310,8 @@ def _report(stats, prefix, log):
     log(f"throughput: {stats['documents'] / sec:.1f} docs/s, {stats['bytes'] / sec / 1e6:.2f} MB/s "
         f"({stats['bytes'] / 1e6:.2f} MB in {sec:.1f} s)")
     log(f"wrote {prefix}.bin/.idx: {stats['documents']} documents, {stats['sentences']} sentences, "
-        f"{stats['tokens']} tokens ({stats['dtype']})")
+        f"{stats['tokens']} tokens ({stats['dtype']})"
+        + (f" from {stats['files']} input files" if stats.get("files", 1) > 1 else ""))
     skipped = stats["skipped"]
     if skipped:
         total = sum(len(v) for v in skipped.values())

@@ -138,3 +138,56 @@ def test_lower_case_flag_and_json_key(tmp_path, vocab):
             "--no-lower-case", "--format", "jsonl")
     assert r.returncode == 0
     assert set(IndexedDataset(tmp_path / "cs")[0].tolist()) == {tok.unk_id, tok.vocab["."]}
+
+
+def test_several_inputs_globs_and_compressed_files_make_one_dataset(tmp_path, vocab):
+    """Files, a glob and .gz/.bz2/.xz shards (JSON lines and plain text) → the bytes of one run on the
+    concatenated JSON lines, with 1 and 2 workers; a bad document is reported as file:line."""
+    import bz2
+    import gzip
+    import lzma
+
+    rng = np.random.default_rng(1)
+    docs = [" ".join(" ".join(rng.choice(WORDS[:10], int(rng.integers(3, 9)))).capitalize() + "."
+                     for _ in range(int(rng.integers(1, 5)))) for _ in range(40)]
+    shards = [docs[:10], docs[10:20], docs[20:30], docs[30:]]
+    jsonl = [b"\n".join(json.dumps({"text": d}).encode() for d in part) + b"\n" for part in shards]
+    bad = b'{"text": "unterminated\n'
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "s0.jsonl").write_bytes(jsonl[0])
+    with_bad = jsonl[1].replace(b"\n", b"\n" + bad, 1)  # line 2 of s1 is broken
+    (d / "s1.jsonl.gz").write_bytes(gzip.compress(with_bad))
+    (d / "s2.txt.bz2").write_bytes(bz2.compress("\n\n".join(shards[2]).encode()))
+    (d / "s3.jsonl.xz").write_bytes(lzma.compress(jsonl[3]))
+    ref = tmp_path / "all.jsonl"
+    ref.write_bytes(jsonl[0] + with_bad + jsonl[2] + jsonl[3])
+    r = run("--input", ref, "--output-prefix", tmp_path / "ref", "--tokenizer", vocab, "--quiet")
+    assert r.returncode == 0, r.stderr
+    want = [(tmp_path / f"ref{ext}").read_bytes() for ext in (".bin", ".idx")]
+    for w in (1, 2):
+        r = run("--input", d / "s0.jsonl", d / "s[12].*", d / "s3.jsonl.xz", "--output-prefix", tmp_path / f"w{w}",
+                "--tokenizer", vocab, "--workers", w, "--quiet")
+        assert r.returncode == 0, r.stderr
+        assert [(tmp_path / f"w{w}{ext}").read_bytes() for ext in (".bin", ".idx")] == want
+        assert f"invalid JSON: 1 (lines {d / 's1.jsonl.gz'}:2)" in r.stderr and "from 4 input files" in r.stderr
+    assert IndexedDataset(tmp_path / "w1").num_documents == 40
+    r = run("--input", d / "*", "--output-prefix", tmp_path / "strict", "--tokenizer", vocab, "--strict")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and f"{d / 's1.jsonl.gz'}:2: invalid JSON" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("case", ["no-match", "directory", "truncated-gz"])
+def test_bad_inputs_lists_are_one_line(tmp_path, vocab, case):
+    import gzip
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": GOOD[0]}) + "\n")
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress((json.dumps({"text": GOOD[1]}) + "\n").encode() * 50)[:-20])
+    arg, text = {"no-match": (tmp_path / "nothing*.jsonl", "no input file matches"),
+                 "directory": (tmp_path, "is a directory"),
+                 "truncated-gz": (tmp_path / "cut.jsonl.gz", "cannot read it")}[case]
+    r = run("--input", good, arg, "--output-prefix", tmp_path / "out", "--tokenizer", vocab, "--workers", 2)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and text in lines[0], r.stderr
+    assert not list(tmp_path.glob("out*"))
