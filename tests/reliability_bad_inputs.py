@@ -56,6 +56,8 @@ CASES = [
      "checkpoint.on_error='ignore' is not one of exit, retry"),
     ("cfg-negative-retries", ["checkpoint.retries=-1"], {}, "checkpoint.retries=-1 must be >= 0"),
     ("cfg-checkpoint-dir-is-file", ["checkpoint.dir={bad}/a_file"], {}, "is not a directory"),
+    ("cfg-profile-steps-order", ["train.profile_steps=[5,2]"], {}, "train.profile_steps=[5, 2] must be [START,END]"),
+    ("cfg-profile-rank-outside", ["train.profile_ranks=[4]"], {}, "train.profile_ranks=[4] names ranks outside 0..0"),
     ("cfg-bad-fault-spec", [], {"MEGATRON_BERT_FAULT_NAN": "soon"}, "MEGATRON_BERT_FAULT_NAN='soon' is not"),
     # ---- data
     ("data-missing-prefix", ["data.prefix={bad}/nope/docs"], {}, "nope/docs"),

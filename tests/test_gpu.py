@@ -565,3 +565,26 @@ def test_triton_embedding_grad_is_the_exact_sum_rounded_and_the_model_uses_it():
     model = MegatronBertModel(ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=2, vocab_size=100),
                               ParallelState.single(torch.device("cuda", 0)))
     assert model.embeddings.word_embeddings.lookup is embedding_kernels.embedding
+
+
+@needs_cuda
+def test_a_profiled_cuda_graph_run_traces_its_kernels_and_keeps_its_losses(tmp_path):
+    """train.profile_steps=[1,3] over a train.cuda_graph run (bf16): the window spans the warm-up and
+    the capture, the trace holds each step's range and GPU kernels, and the losses are those of the
+    same run unprofiled."""
+    from train_fixtures import base_overrides, build_dataset, metrics, train
+
+    data = build_dataset(tmp_path / "data")
+    common = {"train.device": "cuda", "train.precision": "bf16", "train.cuda_graph": "true", "train.max_steps": 5,
+              "model.hidden_size": 128, "train.micro_batch_size": 8, "train.global_batch_size": 16}
+    runs = {}
+    for name, extra in (("plain", {}), ("profiled", {"train.profile_steps": "[1,3]"})):
+        res = train(base_overrides(data, tmp_path / name, **common, **extra))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = [r["loss"] for r in metrics(tmp_path / name)]
+    for a, b in zip(runs["profiled"], runs["plain"]):
+        assert abs(a - b) <= 1e-3 * abs(b), runs
+    events = json.loads((tmp_path / "profiled" / "profile" / "rank_0.json").read_text())["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert {"train_step_1", "train_step_2", "train_step_3"} <= names and "train_step_4" not in names
+    assert sum(e.get("cat") == "kernel" for e in events) > 50, {e.get("cat") for e in events}

@@ -117,6 +117,8 @@ class TrainSchema:
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     cuda_graph: bool = False  # GPU, pretraining: capture the whole training step as CUDA graphs and replay it
     prune_last_layer: bool = True  # pretraining: the last layer computes only [CLS] and the MLM targets (same loss)
+    profile_steps: Optional[list] = None  # [START, END]: torch.profiler trace of those steps (training/profiling.py)
+    profile_ranks: list = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -282,6 +284,7 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if not 0 <= cfg.optim.warmup_fraction <= 1:
         raise ConfigError(f"optim.warmup_fraction={cfg.optim.warmup_fraction} must be in [0, 1]")
     parse_time(tr.max_time)
+    _check_profile(tr.profile_steps, tr.profile_ranks, world_size)
     if tr.cuda_graph and cfg.task.name != "pretrain":
         raise ConfigError(f"train.cuda_graph=true supports task=pretrain only (got task={cfg.task.name}): "
                           "drop train.cuda_graph for fine-tuning")
@@ -303,6 +306,18 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(str(e)) from None
     if cfg.model.name not in NAMED_SIZES and cfg.model.name != "custom":
         raise ConfigError(f"model={cfg.model.name} is unknown: use one of {', '.join(NAMED_SIZES)}")
+
+
+def _check_profile(steps, ranks, world_size: int) -> None:
+    if steps is not None:
+        ok = len(steps) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+        if not ok or not 1 <= steps[0] <= steps[1]:
+            raise ConfigError(f"train.profile_steps={list(steps)} must be [START,END] with 1 <= START <= END "
+                              "(step numbers as in metrics.jsonl), e.g. train.profile_steps=[10,12]")
+    bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < world_size]
+    if bad:
+        raise ConfigError(f"train.profile_ranks={list(ranks)} names ranks outside 0..{world_size - 1}: "
+                          "give global ranks of this run, e.g. train.profile_ranks=[0]")
 
 
 def model_config(cfg: DictConfig, vocab_size: int):

@@ -36,6 +36,7 @@ from .config import model_config, parse_time, to_yaml
 from .faults import TrainingStopped  # noqa: F401 (train.py names it from this module)
 from .metrics import MetricsWriter, Throughput, flops_per_sequence, peak_flops
 from .optim import LossScaler, LRSchedule, MasterWeightsOptimizer, build_optimizer, step_if_finite, use_flat_adamw
+from .profiling import StepProfiler
 
 
 def _to_host(values: dict) -> dict:
@@ -234,9 +235,12 @@ class Trainer(CheckpointingMixin):
         if t.heartbeat_interval > 0:
             heartbeat = faults.Heartbeat(self, t.heartbeat_interval, self.cfg.run_dir, self.ps.rank, self.log)
             heartbeat.start()
+        self.profiler = StepProfiler(t.profile_steps, t.profile_ranks, self.ps.rank, self.cfg.run_dir,
+                                     self.ps.device, lambda line: print(line, flush=True))
         try:
             return self._run()
         finally:
+            self.profiler.close()
             if heartbeat is not None:
                 heartbeat.stop()
 
@@ -262,7 +266,8 @@ class Trainer(CheckpointingMixin):
             micro_batches = next(batches)
             thr.data_wait += time.perf_counter() - t_wait
             t_step = time.perf_counter()
-            stats = self.train_step(micro_batches)
+            with self.profiler.step(self.step + 1):
+                stats = self.train_step(micro_batches)
             self.step += 1
             self.consumed_samples += t.global_batch_size
             thr.add(t.global_batch_size)
