@@ -120,7 +120,8 @@ def test_blended_samples_are_the_members_samples(corpora, tmp_path):
 
 def test_blend_of_two_corpora_trains_at_tp2_from_the_command_line(tmp_path):
     """data.prefix=[W,PATH,W,PATH] through Hydra and torchrun (2 gloo ranks, TP=2): the log names the
-    blend and its shares, training runs; a weight of 0 is one line before any process starts."""
+    blend and its shares, training runs, and a resume at TP=1 with other weights continues and notes
+    the changed sample stream; a weight of 0 is one line before any process starts."""
     from megatron_bert.preprocess import preprocess
     from train_fixtures import base_overrides, build_dataset, metrics, train, write_corpus
 
@@ -138,7 +139,26 @@ def test_blend_of_two_corpora_trains_at_tp2_from_the_command_line(tmp_path):
     assert f"a blend of 0.800 × {first['prefix']}" in log and f"0.200 × {second}" in log, log[-3000:]
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+    # resumed at TP=1 with other weights: it continues from step 3 and says the sample stream changed
+    reweighted = f"[0.5,{first['prefix']},0.5,{second}]"
+    res = train(base_overrides(first, tmp_path / "run", **{"data.prefix": reweighted, "train.max_steps": 4}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "resumed from" in log and "(step 3, 24 samples" in log, log[-3000:]
+    assert "note: the data settings differ from the checkpoint's (data.prefix: [0.8," in log, log[-3000:]
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
     bad = train(base_overrides(first, tmp_path / "bad", **{"data.prefix": f"[0,{second}]"}))
     assert bad.returncode != 0
     lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "weights must be finite and > 0" in lines[0], bad.stderr
+
+
+def test_sample_stream_changes_name_the_keys_a_resume_changed():
+    from megatron_bert.training.checkpointing import sample_stream_changes
+
+    saved = {"data": {"prefix": "/d/a", "seq_length": 128, "masked_lm_prob": 0.15}, "train": {"seed": 1}}
+    now = {"data": {"prefix": [0.5, "/d/a", 0.5, "/d/b"], "seq_length": 128, "masked_lm_prob": 0.15,
+                    "short_seq_prob": 0.2}, "train": {"seed": 2}}
+    assert sample_stream_changes(saved, now) == ["data.prefix: '/d/a' → [0.5, '/d/a', 0.5, '/d/b']",
+                                                 "train.seed: 1 → 2"]
+    assert sample_stream_changes(saved, saved) == [] and sample_stream_changes({}, now) == []

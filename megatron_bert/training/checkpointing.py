@@ -23,6 +23,22 @@ ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_siz
              "max_position_embeddings", "type_vocab_size")
 
 
+# Keys that decide which sample the global index i is (data/dataset.py, data/blend.py).
+SAMPLE_STREAM_KEYS = ("data.prefix", "data.seq_length", "data.binary_head", "data.masked_lm_prob",
+                      "data.whole_word_masking", "data.short_seq_prob", "data.valid_fraction", "train.seed")
+
+
+def sample_stream_changes(saved: dict, now: dict) -> list[str]:
+    """``key: old → new`` for the sample-stream keys a resumed run changed (saved config vs this one);
+    keys the checkpoint does not record are not compared."""
+    out = []
+    for key in SAMPLE_STREAM_KEYS:
+        group, name = key.split(".")
+        if name in saved.get(group, {}) and saved[group][name] != now.get(group, {}).get(name):
+            out.append(f"{key}: {saved[group][name]!r} → {now[group].get(name)!r}")
+    return out
+
+
 class CheckpointingMixin:
     def _resume_or_init(self) -> None:
         c = self.cfg.checkpoint
@@ -44,6 +60,10 @@ class CheckpointingMixin:
                 self.tracker.set_states(rng["tracker"])
             self.log(f"resumed from {ckpt} (step {self.step}, {self.consumed_samples} samples; "
                      f"saved at TP={meta['saved_tp']} DP={meta['saved_dp']}, now TP={self.ps.tp_size} DP={self.ps.dp_size})")
+            changed = sample_stream_changes(meta.get("config", {}), OmegaConf.to_container(self.cfg))
+            if changed:
+                self.log(f"note: the data settings differ from the checkpoint's ({'; '.join(changed)}): samples from "
+                         f"{self.consumed_samples} on come from the new sample stream, not the one the run was reading")
         elif self.cfg.task.pretrained:
             self._check_architecture(self.cfg.task.pretrained)
             # weights only (the optimizer is passed so mixed-precision fp32 masters get them too)
