@@ -94,6 +94,26 @@ def test_loader_with_workers_matches_in_process(train):
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.parametrize("static_lm_prob,prune", [(None, True), (0.15, True), (0.15, False)])
+def test_model_inputs_made_in_the_workers_equal_those_made_in_process(train, static_lm_prob, prune):
+    """The pretraining task's transform (micro-batch → model inputs) runs in the loader's workers: the
+    training process then receives the same inputs it would have computed itself."""
+    from functools import partial
+
+    from megatron_bert.training.pretrain import to_model_inputs
+
+    opts = dict(prune_last_layer=prune, use_binary=True, static_lm_prob=static_lm_prob)
+    G, m = 8, 4
+    ref = [[to_model_inputs(mb, **opts) for mb in step] for step in _steps(PretrainingLoader(train, G, m), 2)]
+    par = _steps(PretrainingLoader(train, G, m, num_workers=2, transform=partial(to_model_inputs, **opts)), 2)
+    for s1, s2 in zip(ref, par):
+        for x, y in zip(s1, s2):
+            assert x.keys() == y.keys() and "next_sentence_label" in x
+            assert ("target_positions" in x) == prune and ("lm_positions" in x) != prune
+            for k in x:
+                assert (x[k] is None and y[k] is None) or torch.equal(x[k], y[k]), k
+
+
 def test_collate():
     samples = [{"a": np.arange(3), "b": np.array(i)} for i in range(4)]
     out = collate(samples)

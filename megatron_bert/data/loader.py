@@ -60,6 +60,17 @@ class _MicroBatchSampler:
             c += self.args[0]
 
 
+class _CollateThen:
+    """collate, then ``transform`` (picklable: it runs in the worker processes)."""
+
+    def __init__(self, transform=None):
+        self.transform = transform
+
+    def __call__(self, samples):
+        batch = collate(samples)
+        return batch if self.transform is None else self.transform(batch)
+
+
 class PretrainingLoader:
     """Iterate steps; each item is the list of collated micro-batches (dicts of tensors) of this DP rank.
 
@@ -67,10 +78,12 @@ class PretrainingLoader:
     produces micro-batches ahead of time, so the accelerator does not wait for data. `consumed_samples`
     advances by global_batch_size per yielded step; construct a new loader with the checkpoint's
     value to resume. The iterator is infinite (multi-epoch); the trainer decides when to stop.
+    ``transform``: applied to each collated micro-batch, in the workers (e.g. turning it into model
+    inputs, so the training process only receives them).
     """
 
     def __init__(self, dataset, global_batch_size, micro_batch_size, dp_rank=0, dp_size=1, consumed_samples=0,
-                 num_workers=0, pin_memory=False, prefetch_factor=4):
+                 num_workers=0, pin_memory=False, prefetch_factor=4, transform=None):
         _check_batch(global_batch_size, micro_batch_size, dp_rank, dp_size)
         self.dataset = dataset
         self.global_batch_size = global_batch_size
@@ -81,16 +94,17 @@ class PretrainingLoader:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.collate = _CollateThen(transform)
 
     def _micro_batches(self):
         sampler = _MicroBatchSampler(self.consumed_samples, self.global_batch_size, self.micro_batch_size,
                                      self.dp_rank, self.dp_size)
         if self.num_workers <= 0 and not self.pin_memory:
             for ids in sampler:
-                yield collate([self.dataset[i] for i in ids])
+                yield self.collate([self.dataset[i] for i in ids])
             return
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
+            self.dataset, batch_sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
             pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False)
         yield from loader

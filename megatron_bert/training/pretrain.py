@@ -7,6 +7,7 @@ same gradient — the reason a TP=2×DP=2 run tracks a TP=1 run to 1e-5.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,6 +29,41 @@ def _dp_sum_(t: torch.Tensor, ps: ParallelState) -> torch.Tensor:
     if ps.dp_size > 1:
         dist.all_reduce(t, group=ps.dp_group)
     return t
+
+
+def lm_slots(seq_len: int, masked_lm_prob: float) -> int:
+    """MLM target slots per sample for static shapes: the masking budget is at most
+    ceil(seq_len * masked_lm_prob) per sample (data/masking.py), so these hold every batch."""
+    return min(seq_len, max(1, math.ceil(seq_len * masked_lm_prob)))
+
+
+def to_model_inputs(mb: dict, *, prune_last_layer: bool, use_binary: bool, static_lm_prob: float | None) -> dict:
+    """A collated micro-batch → the model's keyword inputs, decided on the host so the device never
+    waits: no padding → no mask (flash attention on GPU); the MLM targets of each sample as
+    ``target_positions [b, k]`` (-1 = unused slot; the last layer then computes only [CLS] and the
+    targets: ``train.prune_last_layer``) or, unpruned, as ``lm_positions`` (flat indices, padded
+    with an unlabelled position). With ``static_lm_prob`` (GPU) k is :func:`lm_slots` so that every
+    step has the same shapes (CUDA graphs, no recompiles); a sample with more targets widens that batch."""
+    labels = mb["labels"]
+    b, s = labels.shape
+    labelled = labels != -100
+    cap = lm_slots(s, static_lm_prob) if static_lm_prob is not None else None
+    x = {"input_ids": mb["input_ids"], "token_type_ids": mb["token_type_ids"], "labels": labels,
+         "sample_ids": mb["sample_id"],
+         "attention_mask": None if bool(mb["attention_mask"].all()) else mb["attention_mask"]}
+    if prune_last_layer:
+        k = max(1, int(labelled.sum(1).max()), cap or 0)
+        x["target_positions"] = target_positions_of(labels, k)
+    else:
+        flat = labels.reshape(-1)
+        positions = labelled.reshape(-1).nonzero().squeeze(1)
+        if cap is not None and positions.numel() < b * cap:
+            filler = (flat == -100).nonzero()[0]
+            positions = torch.cat([positions, filler.expand(b * cap - positions.numel())])
+        x["lm_positions"] = positions
+    if use_binary:
+        x["next_sentence_label"] = mb["binary_label"]
+    return x
 
 
 class PretrainTask:
@@ -72,54 +108,28 @@ class PretrainTask:
         return self.tokenizer.vocab_size
 
     def train_batches(self, consumed_samples: int):
-        """Steps of this rank's micro-batches, each already turned into model inputs on the host."""
+        """Steps of this rank's micro-batches, each already turned into model inputs on the host (in the
+        loader's worker processes when data.num_workers > 0: the training process only waits for them)."""
         from ..data import PretrainingLoader
 
         t = self.cfg.train
         loader = PretrainingLoader(
             self.train_ds, t.global_batch_size, t.micro_batch_size, self.ps.dp_rank, self.ps.dp_size,
             consumed_samples=consumed_samples, num_workers=self.cfg.data.num_workers,
-            pin_memory=self.ps.device.type == "cuda")
-        return ([self.model_inputs(mb) for mb in step] for step in loader)
+            pin_memory=self.ps.device.type == "cuda", transform=partial(to_model_inputs, **self.input_options()))
+        return iter(loader)
 
     # ------------------------------------------------------------------ model
     def build_model(self, model_cfg, rt, tracker):
         return MegatronBertForPreTraining(model_cfg, self.ps, rt, tracker=tracker)
 
-    def lm_capacity(self, seq_len: int) -> int | None:
-        """On GPU, the fixed number of MLM target slots per sample: the masking budget is at most
-        ceil(seq_len * masked_lm_prob) per sample (data/masking.py), so static shapes hold every batch."""
-        if self.ps.device.type != "cuda":
-            return None
-        return min(seq_len, max(1, math.ceil(seq_len * self.cfg.data.masked_lm_prob)))
+    def input_options(self) -> dict:
+        """How :func:`to_model_inputs` shapes this run's micro-batches (plain values: it runs in loader workers)."""
+        return {"prune_last_layer": bool(self.cfg.train.prune_last_layer), "use_binary": self.use_binary,
+                "static_lm_prob": self.cfg.data.masked_lm_prob if self.ps.device.type == "cuda" else None}
 
     def model_inputs(self, mb) -> dict:
-        """A collated micro-batch → the model's keyword inputs, decided on the host so the device never
-        waits: no padding → no mask (flash attention on GPU); the MLM targets of each sample as
-        ``target_positions [b, k]`` (-1 = unused slot; the last layer then computes only [CLS] and the
-        targets: ``train.prune_last_layer``) or, unpruned, as ``lm_positions`` (flat indices, padded
-        with an unlabelled position). On GPU k is :meth:`lm_capacity` so that every step has the same
-        shapes (CUDA graphs, no recompiles); a sample with more targets widens that batch."""
-        labels = mb["labels"]
-        b, s = labels.shape
-        labelled = labels != -100
-        cap = self.lm_capacity(s)
-        x = {"input_ids": mb["input_ids"], "token_type_ids": mb["token_type_ids"], "labels": labels,
-             "sample_ids": mb["sample_id"],
-             "attention_mask": None if bool(mb["attention_mask"].all()) else mb["attention_mask"]}
-        if self.cfg.train.prune_last_layer:
-            k = max(1, int(labelled.sum(1).max()), cap or 0)
-            x["target_positions"] = target_positions_of(labels, k)
-        else:
-            flat = labels.reshape(-1)
-            positions = labelled.reshape(-1).nonzero().squeeze(1)
-            if cap is not None and positions.numel() < b * cap:
-                filler = (flat == -100).nonzero()[0]
-                positions = torch.cat([positions, filler.expand(b * cap - positions.numel())])
-            x["lm_positions"] = positions
-        if self.use_binary:
-            x["next_sentence_label"] = mb["binary_label"]
-        return x
+        return to_model_inputs(mb, **self.input_options())
 
     def _on_device(self, x: dict) -> dict:
         dev = self.ps.device
