@@ -96,7 +96,8 @@ class PretrainTask:
                     raise ValueError("data.tokenizer is not set: give data.tokenizer=vocab.txt or a .model file")
                 self.tokenizer = load_tokenizer(tokenizer)
                 self.train_ds, self.valid_ds = build_blended_pretraining_datasets(
-                    parse_blend(prefix), self.tokenizer, d.seq_length, self.cfg.train.seed, valid_fraction=d.valid_fraction,
+                    parse_blend(prefix), self.tokenizer, d.seq_length, self.cfg.train.seed,
+                    valid_fraction=d.valid_fraction,
                     binary_head=None if d.binary_head == "none" else d.binary_head, masked_lm_prob=d.masked_lm_prob,
                     whole_word_masking=d.whole_word_masking, short_seq_prob=d.short_seq_prob, cache_dir=d.cache_dir)
             self.ps.barrier()

@@ -42,17 +42,26 @@ class StepProfiler:
         if n == self.window[1]:
             self.close()
 
-    def close(self):
-        """Stop and write what was recorded (also when the run stops inside the window)."""
+    def close(self, sync: bool = True):
+        """Stop and write what was recorded (also when the run stops inside the window). ``sync=False``
+        when the run failed: no waiting on the device, and a failure to write is only reported, so the
+        run's own error is the one that surfaces."""
         if self._prof is None:
             return
         prof, self._prof, self._done = self._prof, None, True
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        prof.__exit__(None, None, None)
-        self.out.mkdir(parents=True, exist_ok=True)
-        trace = self.out / f"rank_{self.rank}.json"
-        prof.export_chrome_trace(str(trace))
-        sort = "cuda_time_total" if len(self.activities) > 1 else "cpu_time_total"
-        (self.out / f"rank_{self.rank}_ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+        try:
+            if sync and torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            prof.__exit__(None, None, None)
+            self.out.mkdir(parents=True, exist_ok=True)
+            trace = self.out / f"rank_{self.rank}.json"
+            prof.export_chrome_trace(str(trace))
+            sort = "cuda_time_total" if len(self.activities) > 1 else "cpu_time_total"
+            table = prof.key_averages().table(sort_by=sort, row_limit=40)
+            (self.out / f"rank_{self.rank}_ops.txt").write_text(table)
+        except Exception as e:
+            if sync:
+                raise
+            self.log(f"profile of rank {self.rank} not written ({type(e).__name__}: {e})")
+            return
         self.log(f"profile of steps {self.window[0]}-{self.window[1]} (rank {self.rank}): {trace}")

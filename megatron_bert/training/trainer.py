@@ -238,9 +238,14 @@ class Trainer(CheckpointingMixin):
         self.profiler = StepProfiler(t.profile_steps, t.profile_ranks, self.ps.rank, self.cfg.run_dir,
                                      self.ps.device, lambda line: print(line, flush=True))
         try:
-            return self._run()
-        finally:
+            result = self._run()
+        except BaseException:
+            self.profiler.close(sync=False)  # a failed step may have left the device stuck in a collective
+            raise
+        else:
             self.profiler.close()
+            return result
+        finally:
             if heartbeat is not None:
                 heartbeat.stop()
 
