@@ -99,12 +99,13 @@ class InputReader:
 
     def __init__(self, files, fmt):
         self.files, self.fmt = files, fmt
-        self.total_bytes = sum(os.path.getsize(f) for f in files)
+        self.sizes = [os.path.getsize(f) for f in files]
+        self.total_bytes = sum(self.sizes)
         self.disk_bytes = 0
 
     def __iter__(self):
         done = 0
-        for k, path in enumerate(self.files):
+        for k, (path, size) in enumerate(zip(self.files, self.sizes)):
             with open(path, "rb") as disk:
                 opener = _OPENERS.get(os.path.splitext(path)[1].lower())
                 f = opener(fileobj=disk) if opener is gzip.GzipFile else opener(disk) if opener else disk
@@ -115,7 +116,7 @@ class InputReader:
                         yield (k, line), fmt, raw
                 except (OSError, EOFError, lzma.LZMAError) as e:
                     raise UsageError(f"{path}: cannot read it ({e}): is the file complete?") from None
-            done += os.path.getsize(path)
+            done += size
             self.disk_bytes = done
 
 

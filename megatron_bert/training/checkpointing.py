@@ -34,8 +34,10 @@ def sample_stream_changes(saved: dict, now: dict) -> list[str]:
     out = []
     for key in SAMPLE_STREAM_KEYS:
         group, name = key.split(".")
-        if name in saved.get(group, {}) and saved[group][name] != now.get(group, {}).get(name):
-            out.append(f"{key}: {saved[group][name]!r} → {now[group].get(name)!r}")
+        if name in saved.get(group, {}):
+            old, new = saved[group][name], now.get(group, {}).get(name)
+            if old != new:
+                out.append(f"{key}: {old!r} → {new!r}")
     return out
 
 

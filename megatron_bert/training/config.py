@@ -272,9 +272,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if cfg.data.prefix is not None:
         from ..data.blend import BlendError, parse_blend
 
-        prefix = cfg.data.prefix
         try:
-            parse_blend(OmegaConf.to_container(prefix) if OmegaConf.is_config(prefix) else prefix)
+            parse_blend(cfg.data.prefix)  # a ListConfig is a Sequence
         except BlendError as e:
             raise ConfigError(str(e)) from None
     if not 0 < cfg.data.masked_lm_prob <= 1:
