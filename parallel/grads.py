@@ -75,31 +75,45 @@ def allreduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter], ps: 
 
 
 def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type: float = 2.0,
-              grads: list[torch.Tensor] | None = None) -> torch.Tensor:
+              grads: list[torch.Tensor] | None = None, dp_sharded: list[bool] | None = None) -> torch.Tensor:
     """Global gradient norm (fp32 scalar tensor), the same on every rank. ``grads``: one per param, to
     use instead of ``p.grad`` (e.g. 16-bit grads not yet copied into fp32 masters: the norm is
-    computed in fp32 either way)."""
+    computed in fp32 either way). ``dp_sharded``: one per param, for grads that are DP slices (ZeRO,
+    dp_shard.py): the True ones are summed over DP too, the others (whole on every DP rank) count
+    on DP rank 0 only."""
+    params = list(params)
     pairs = list(zip(params, grads)) if grads is not None else [(p, p.grad) for p in params]
-    pairs = [(p, g) for p, g in pairs if g is not None]
-    device = pairs[0][1].device if pairs else ps.device
+    shards = dp_sharded if dp_sharded is not None else [False] * len(pairs)
+    triples = [(p, g, s) for (p, g), s in zip(pairs, shards) if g is not None]
+    device = triples[0][1].device if triples else ps.device
+    over_dp = dp_sharded is not None and ps.dp_size > 1
     if norm_type == float("inf"):
         local = torch.zeros((), dtype=torch.float32, device=device)
-        for _, g in pairs:
-            local = torch.maximum(local, g.detach().abs().max().float())
+        for _, g, _ in triples:
+            if g.numel():  # (a DP slice may be empty)
+                local = torch.maximum(local, g.detach().abs().max().float())
         if ps.tp_size > 1:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.tp_group)
+        if over_dp:
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=ps.dp_group)
         return local
-    # Replicated params count on TP rank 0 only. Elsewhere they still enter the sum times 0, and
-    # 0 * NaN = NaN, so a non-finite replicated grad on any rank poisons the global norm (skipped
-    # step). Two fused multi-tensor norms, no host→device copy: the whole thing can be graph-captured.
-    counted = [g.detach() for p, g in pairs if is_tp_sharded(p) or ps.tp_rank == 0]
-    poison_only = [g.detach() for p, g in pairs if not (is_tp_sharded(p) or ps.tp_rank == 0)]
+    # Replicated params count on TP rank 0 only (and, with DP slices, whole grads on DP rank 0 only).
+    # Elsewhere they still enter the sum times 0, and 0 * NaN = NaN, so a non-finite replicated grad on
+    # any rank poisons the global norm (skipped step). Two fused multi-tensor norms, no host→device
+    # copy: the whole thing can be graph-captured.
+    def counts_here(p, sharded):
+        return (is_tp_sharded(p) or ps.tp_rank == 0) and (sharded or not over_dp or ps.dp_rank == 0)
+
+    counted = [g.detach() for p, g, s in triples if counts_here(p, s)]
+    poison_only = [g.detach() for p, g, s in triples if not counts_here(p, s)]
     total = torch.zeros((), dtype=torch.float32, device=device)
     if counted:
         total = total + torch.stack(torch._foreach_norm(counted, norm_type, dtype=torch.float32)).pow(norm_type).sum()
     if poison_only:
         total = total + torch.stack(torch._foreach_norm(poison_only, norm_type, dtype=torch.float32)).sum() * 0.0
     comm.all_reduce(total, ps.tp_group)
+    if over_dp:
+        comm.all_reduce(total, ps.dp_group)
     return total ** (1.0 / norm_type)
 
 

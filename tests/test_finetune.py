@@ -199,7 +199,8 @@ def world(request, tmp_path_factory):
     starters = {name: functools.partial(launch, overrides(w, name, root / f"run_{name}"), nproc=2) for name in TP2_RUNS}
     if any(item.module is sys.modules[__name__] and item.originalname == DP2_TEST for item in request.session.items):
         starters["glue_dp2"] = functools.partial(
-            launch, overrides(w, "glue", root / "run_glue_dp2", **{"parallel.tensor": 1}), nproc=2)
+            launch, overrides(w, "glue", root / "run_glue_dp2", **{"parallel.tensor": 1,
+                                                                "optim.distributed_optimizer": True}), nproc=2)
     order = ("glue", "glue_dp2", "ner", "squad", "race")  # the two 40-step runs together
     w["queue"] = RunQueue({name: starters[name] for name in order if name in starters}, limit=2)
     yield w
@@ -224,6 +225,7 @@ def _wait(world, run: str) -> Path:
         res = world["queue"].wait(run, timeout=480)
         assert res[0] == 0, f"{run}: {describe(res)}"
         world["runs"][run] = world["root"] / f"run_{run}"
+        world["stdout"] = {**world.get("stdout", {}), run: res[1]}
     return world["runs"][run]
 
 
@@ -270,12 +272,15 @@ def check_training_run(name: str, run_dir: Path) -> None:
 
 def test_tp1_dp2_matches_tp2_and_gathers_eval_in_order(world):
     """TP=1 × DP=2 (2 processes) vs TP=2: same first losses (keyed dropout, globally normalised loss),
-    and the DP-sharded evaluation scores the learned model as well (logits gathered in order)."""
+    and the DP-sharded evaluation scores the learned model as well (logits gathered in order). The DP
+    run shards its optimizer (optim.distributed_optimizer): the pretrained weights load into the
+    masters' DP slices, the fresh head is sliced from its init, and every replica is gathered."""
     ref, run_dir = finetuned(world, "glue"), _wait(world, "glue_dp2")
     a, b = metrics(ref), metrics(run_dir)
     for step in range(5):
         assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, f"step {step + 1}: {a[step]} vs {b[step]}"
         assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) <= 1e-4 * max(1.0, a[step]["grad_norm"])
+    assert "distributed optimizer: fp32 masters + AdamW moments" in world["stdout"]["glue_dp2"]
     ea, eb = metrics(ref, "valid"), metrics(run_dir, "valid")
     assert abs(ea[0]["loss"] - eb[0]["loss"]) <= 1e-4, (ea[0], eb[0])
     assert eb[-1]["accuracy"] >= 0.9, eb[-1]

@@ -3,7 +3,9 @@
 Each TP-sharded tensor is presented to DCP as a DTensor on the (dp, tp) mesh with placements
 ``[Replicate(), Shard(partition_dim)]``: DCP then records global shapes and chunk offsets, every
 rank writes only its own shard (replicas are de-duplicated), and a later load at another TP size
-reads exactly the overlapping pieces. Replicated tensors are plain tensors (written once).
+reads exactly the overlapping pieces. Replicated tensors are plain tensors (written once). With the
+distributed optimizer (training/dist_optim.py) masters and moments are DP slices too: placements
+``[Shard(dp_dim), Shard(tp_dim) | Replicate()]``, so they load into any TP/DP layout, sliced or not.
 
 DCP keys: ``model.<param>``, ``optim.<param>.exp_avg``, ``optim.<param>.exp_avg_sq``,
 ``optim.<param>.step``. Everything that is not a tensor lives in ``meta.json``.
@@ -168,19 +170,25 @@ def _is_dcp_failure(e: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------- state dicts
-def _present(t: torch.Tensor, param: torch.nn.Parameter, ps: ParallelState):
-    """Wrap a local shard as a DTensor carrying its global layout (plain tensor when unsharded)."""
-    if ps.tp_size == 1 or not is_tp_sharded(param):
+def _present(t: torch.Tensor, param: torch.nn.Parameter, ps: ParallelState, dp_dim: int | None = None):
+    """Wrap a local shard as a DTensor carrying its global layout (plain tensor when unsharded).
+
+    ``dp_dim``: ``t`` is this DP rank's slice of ``param`` along that dimension (the distributed
+    optimizer's masters and moments, cut like DTensor's ``Shard``: parallel/dp_shard.py)."""
+    tp_dim = param.partition_dim if ps.tp_size > 1 and is_tp_sharded(param) else None
+    if tp_dim is None and dp_dim is None:
         return t
-    if getattr(param, "partition_stride", 1) != 1:
+    if tp_dim is not None and getattr(param, "partition_stride", 1) != 1:
         raise CheckpointError("strided TP partitions are not supported by the checkpoint format")
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    dim = param.partition_dim
-    shape = list(t.shape)
-    shape[dim] *= ps.tp_size
+    shape = list(param.shape)  # this TP rank's shard of the global tensor
+    if tp_dim is not None:
+        shape[tp_dim] *= ps.tp_size
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(t, ps.device_mesh(), [Replicate(), Shard(dim)], run_check=False,
+    placements = [Shard(dp_dim) if dp_dim is not None else Replicate(),
+                  Shard(tp_dim) if tp_dim is not None else Replicate()]
+    return DTensor.from_local(t, ps.device_mesh(), placements, run_check=False,
                               shape=torch.Size(shape), stride=stride)
 
 
@@ -213,18 +221,21 @@ def _adam_state(optimizer, w: torch.Tensor, group: dict, after_load: list) -> di
 
 def _build(model, optimizer, ps: ParallelState, with_optimizer: bool = True) -> tuple[dict, list]:
     masters = _weights_of(optimizer)
+    # distributed optimizer: the masters (and moments) are DP slices along these dims (None: whole)
+    dp_dims = getattr(optimizer, "dp_shard_dims", None)
     groups = {id(q): g for g in (optimizer.param_groups if optimizer is not None else ()) for q in g["params"]}
     sd, after_load = {}, []
     for name, p in model.named_parameters():
         w = masters.get(p, p)  # mixed precision: the fp32 master is the weight that is saved / loaded
-        sd[f"model.{name}"] = _present(w.detach(), p, ps)
+        dp_dim = dp_dims.get(p) if dp_dims is not None else None
+        sd[f"model.{name}"] = _present(w.detach(), p, ps, dp_dim)
         if with_optimizer and id(w) in groups:
             st = _adam_state(optimizer, w, groups[id(w)], after_load)
             for key in ("exp_avg", "exp_avg_sq"):
-                sd[f"optim.{name}.{key}"] = _present(st[key], p, ps)
+                sd[f"optim.{name}.{key}"] = _present(st[key], p, ps, dp_dim)
             sd[f"optim.{name}.step"] = st["step"]
-    if masters:  # after a load: the low-precision model parameters follow their masters
-        after_load.append(lambda: _copy_masters_to_model(masters))
+    if masters and dp_dims is None:  # after a load: the low-precision model parameters follow their masters
+        after_load.append(lambda: _copy_masters_to_model(masters))  # (sharded: its after_load all-gathers)
     hook = getattr(optimizer, "after_load", None)  # e.g. the flat AdamW re-checks its step counters
     if callable(hook):
         after_load.append(hook)

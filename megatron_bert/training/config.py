@@ -95,6 +95,7 @@ class OptimSchema:
     warmup_fraction: float = 0.01
     warmup_steps: Optional[int] = None
     min_lr: float = 0.0
+    distributed_optimizer: bool = False
 
 
 @dataclass

@@ -101,6 +101,18 @@ class Trainer(CheckpointingMixin):
         if self.mixed:
             # Low-precision parameters and activations; fp32 master weights live in the optimizer.
             self.model.to(torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16)
+        self.sharded_optimizer = bool(o.distributed_optimizer) and ps.dp_size > 1
+        if o.distributed_optimizer and ps.dp_size == 1:
+            self.log("optim.distributed_optimizer: DP=1, nothing to shard; the optimizer keeps whole tensors")
+        if self.sharded_optimizer:
+            from .dist_optim import DistributedOptimizer
+
+            self.optimizer = DistributedOptimizer(self.model, make_optimizer, ps, self.mixed)
+            self.opt_params = self.optimizer.masters
+            mine, whole = self.optimizer.state_bytes()
+            self.log(f"distributed optimizer: fp32 masters + AdamW moments {mine / 2**20:.1f} MiB per rank "
+                     f"({whole / 2**20:.1f} MiB unsharded, DP={ps.dp_size})")
+        elif self.mixed:
             self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer, flat=use_flat_adamw(ps.device, graphed))
             self.opt_params = self.optimizer.masters
             if self._grads_stay_local() and os.environ.get("MEGATRON_BERT_DEFER_GRAD_COPY", "1") != "0":
@@ -217,12 +229,16 @@ class Trainer(CheckpointingMixin):
         self._enter(faults.GRAD_ALLREDUCE, n)
         # bf16 grads read in place (one micro-batch; only deferred where _grads_stay_local, see setup)
         deferred = self.optimizer.deferred if self.mixed else None
-        allreduce_sequence_parallel_grads(params, self.ps, grads=deferred)
-        allreduce_data_parallel_grads(params, self.ps, average=False)  # losses are globally normalised
+        if self.sharded_optimizer:  # SP sum, then a reduce-scatter over DP into this rank's slices
+            self.optimizer.reduce_grads()
+        else:
+            allreduce_sequence_parallel_grads(params, self.ps, grads=deferred)
+            allreduce_data_parallel_grads(params, self.ps, average=False)  # losses are globally normalised
         if self.scaler.enabled:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / self.scaler.scale)
         self._enter("gradient-norm all-reduce", n)
-        norm = grad_norm(params, self.ps, grads=deferred)
+        norm = grad_norm(params, self.ps, grads=deferred,
+                         dp_sharded=self.optimizer.dp_sharded if self.sharded_optimizer else None)
         # The norm is all-reduced and the loss DP-reduced (and TP-identical): every rank decides alike.
         finite = torch.isfinite(norm) & torch.isfinite(torch.as_tensor(out["loss"], device=norm.device))
         self._enter("optimizer step", n)

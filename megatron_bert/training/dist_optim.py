@@ -1,0 +1,129 @@
+"""``optim.distributed_optimizer=true``: fp32 masters and AdamW moments sharded over data parallel.
+
+Megatron-LM's distributed optimizer (ZeRO stage 1). Each DP rank keeps fp32 master copies of only its
+slice of every parameter (parallel/dp_shard.py says which) and the optimizer, built by the trainer's
+``make_optimizer`` over those slices, keeps moments for them alone. Per step:
+
+    backward → fp32 whole grads (16-bit grads added in, as MasterWeightsOptimizer does; fp32 runs use
+    p.grad) → [SP sum over TP] → reduce-scatter over DP into the slices' grads (:meth:`reduce_grads`)
+    → norm / clip / AdamW on the slices → all-gather of the new slices into every replica's params.
+
+It is the same arithmetic as the replicated optimizer (AdamW is elementwise; the sum of each grad
+element is the same sum), so runs agree with unsharded DP runs to the last bits of the grad norm. The
+slices are the checkpoint's tensors: ``model.<name>`` and ``optim.<name>.*`` are written as DTensors
+with a DP placement (checkpoint/sharded.py), and load into any TP/DP size, sharded or not.
+"""
+from __future__ import annotations
+
+import torch
+
+from parallel import ParallelState, allreduce_sequence_parallel_grads
+from parallel.dp_shard import DPShardPlan
+
+from .optim import _PARAM_ATTRS, param_groups
+
+
+class DistributedOptimizer:
+    """Drop-in for the trainer's optimizer (torch AdamW or :class:`~.optim.MasterWeightsOptimizer`)
+    when ``optim.distributed_optimizer`` is on and DP > 1. ``mixed``: the model is in bf16/fp16 and its
+    grads are accumulated into fp32 whole-grad buffers here; otherwise ``p.grad`` (fp32) is used as is.
+
+    ``masters`` (the optimizer's params, one per model param) carry ``dp_shard_dim`` (None: the whole
+    tensor, DP-replicated) and the TP metadata of their param, so norms and checkpoints know them."""
+
+    deferred = None  # the trainer's deferred 16-bit grad path does not apply (DP > 1)
+
+    def __init__(self, model: torch.nn.Module, make_optimizer, ps: ParallelState, mixed: bool):
+        self.ps, self.mixed = ps, mixed
+        # the order of param_groups(): decay then no-decay, the same on every rank
+        self.model_params = [p for g in param_groups(model, 0.0) for p in g["params"]]
+        dtypes = {p.dtype for p in self.model_params}
+        if len(dtypes) != 1:
+            raise ValueError(f"the distributed optimizer needs one parameter dtype, got {sorted(map(str, dtypes))}")
+        self.plan = DPShardPlan(self.model_params, ps)
+        self.masters: list[torch.nn.Parameter] = []
+        self.master_of: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
+        self.dp_shard_dims: dict[torch.nn.Parameter, int | None] = {}
+        with torch.no_grad():
+            for i, p in enumerate(self.model_params):
+                m = torch.nn.Parameter(self.plan.slice_of(p.detach(), i).float().clone())
+                for attr in _PARAM_ATTRS:
+                    if hasattr(p, attr):
+                        setattr(m, attr, getattr(p, attr))
+                m.dp_shard_dim = self.plan.dims[i]
+                self.masters.append(m)
+                self.master_of[p] = m
+                self.dp_shard_dims[p] = self.plan.dims[i]
+        self.dp_sharded = [d is not None for d in self.plan.dims]
+        self.optimizer = make_optimizer(model, self.master_of)
+        self._whole: list[torch.Tensor | None] = [None] * len(self.model_params)  # mixed: fp32 whole grads
+
+    # what the trainer, the LR schedule and the checkpoint read
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def state_bytes(self) -> tuple[int, int]:
+        """(bytes of fp32 masters + AdamW moments on this rank, bytes they would take unsharded)."""
+        mine = sum(m.numel() for m in self.masters) * 4 * 3
+        whole = sum(p.numel() for p in self.model_params) * 4 * 3
+        return mine, whole
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model_params:
+            p.grad = None
+        for m in self.masters:
+            m.grad = None
+        self._whole = [None] * len(self.model_params)
+
+    def accumulate_grads(self) -> None:
+        """Mixed precision, after each micro-batch's backward: 16-bit grads → fp32 whole grads."""
+        with torch.no_grad():
+            fresh, acc = ([], []), ([], [])
+            for i, p in enumerate(self.model_params):
+                if p.grad is None:
+                    continue
+                if self._whole[i] is None:
+                    self._whole[i] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    fresh[0].append(self._whole[i]), fresh[1].append(p.grad)
+                else:
+                    acc[0].append(self._whole[i]), acc[1].append(p.grad)
+                p.grad = None
+            if fresh[0]:
+                torch._foreach_copy_(*fresh)
+            if acc[0]:
+                torch._foreach_add_(*acc)
+
+    def reduce_grads(self) -> None:
+        """The whole grads' SP sum over TP, then their DP sum, each rank keeping its slices' (as the
+        masters' ``.grad``). A param no micro-batch reached counts as a zero grad, so every rank
+        enters the same collectives."""
+        with torch.no_grad():
+            whole = self._whole if self.mixed else [p.grad for p in self.model_params]
+            whole = [g if g is not None else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                     for g, p in zip(whole, self.model_params)]
+            allreduce_sequence_parallel_grads(self.model_params, self.ps, grads=whole)
+            for m, g in zip(self.masters, self.plan.reduce_scatter(whole)):
+                m.grad = g  # a view of its bucket's reduce-scatter output (or the summed whole grad)
+        self._whole = [None] * len(self.model_params)
+        for p in self.model_params:
+            p.grad = None  # the whole grads are no longer needed: free them before the step
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.gather_params()
+
+    def gather_params(self) -> None:
+        """Every rank's master slices → every replica's (16-bit or fp32) model parameters."""
+        self.plan.all_gather(self.masters, self.model_params)
+
+    def after_load(self) -> None:
+        """Called by the checkpoint loader once the slices are in: the model follows its masters."""
+        hook = getattr(self.optimizer, "after_load", None)
+        if hook is not None:
+            hook()
+        self.gather_params()
