@@ -58,6 +58,12 @@ CASES = [
     ("cfg-checkpoint-dir-is-file", ["checkpoint.dir={bad}/a_file"], {}, "is not a directory"),
     ("cfg-profile-steps-order", ["train.profile_steps=[5,2]"], {}, "train.profile_steps=[5, 2] must be [START,END]"),
     ("cfg-profile-rank-outside", ["train.profile_ranks=[4]"], {}, "train.profile_ranks=[4] names ranks outside 0..0"),
+    ("cfg-best-mode-choice", ["checkpoint.best_mode=up"], {}, "checkpoint.best_mode='up' is not one of auto, max, min"),
+    ("cfg-best-metric-without-eval", ["checkpoint.best_metric=lm_loss", "train.eval_iters=0"], {},
+     "checkpoint.best_metric=lm_loss needs evaluations, but train.eval_iters=0 turns them off"),
+    # found at the first evaluation (the metric names are the task's): step 3 trains, nothing is saved
+    ("run-best-metric-unknown", ["checkpoint.best_metric=nope"], {},
+     "checkpoint.best_metric=nope is not a metric of this evaluation (it reports: "),
     ("cfg-bad-fault-spec", [], {"MEGATRON_BERT_FAULT_NAN": "soon"}, "MEGATRON_BERT_FAULT_NAN='soon' is not"),
     # ---- data
     ("data-missing-prefix", ["data.prefix={bad}/nope/docs"], {}, "nope/docs"),

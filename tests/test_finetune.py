@@ -171,7 +171,7 @@ def write_glue_test(d: Path, seed: int, n: int = 12) -> list[str]:
 # --------------------------------------------------------------------------- runs
 # name -> (Hydra task, data writer, extra overrides, steps, eval metric keys)
 TASKS = {
-    "glue": ("glue", write_glue, {}, 40, ("loss", "accuracy", "f1")),
+    "glue": ("glue", write_glue, {"checkpoint.best_metric": "accuracy"}, 40, ("loss", "accuracy", "f1")),
     # run at TP=1 inside the single-process batch below (regression is an extra to the four tasks)
     "stsb": ("glue", write_stsb, {"task.dataset": "stsb", "model.hidden_dropout": 0.0, "parallel.tensor": 1}, 20,
              ("loss", "pearson", "spearman")),
@@ -260,7 +260,10 @@ def check_training_run(name: str, run_dir: Path) -> None:
     head = {"glue": "sequence_classification", "stsb": "sequence_classification", "ner": "token_classification",
             "squad": "question_answering", "race": "multiple_choice"}[name]
     assert meta["head"] == head and meta["step"] == steps
-    if name == "glue":
+    if name == "glue":  # checkpoint.best_metric=accuracy: the first eval with the top accuracy is kept as best
+        top = max(evals, key=lambda e: e["accuracy"])
+        assert (ckpts / "best").read_text().strip() == f"step_{top['step']}"
+        assert json.loads((ckpts / f"step_{top['step']}" / "meta.json").read_text())["best"]["value"] == top["accuracy"]
         assert meta["head_kwargs"] == {"num_labels": 2, "problem_type": "single_label_classification"}
         assert meta["label_names"] == ["neg", "pos"]
     if name == "stsb":

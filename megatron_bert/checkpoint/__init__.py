@@ -4,6 +4,7 @@
 """
 from .async_save import AsyncCheckpointSaver
 from .manager import (
+    best_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -16,6 +17,6 @@ from .manager import (
 from .sharded import CheckpointError
 
 __all__ = [
-    "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
+    "CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "best_checkpoint", "list_checkpoints",
     "resolve_checkpoint", "read_meta", "read_model_state", "write_model_checkpoint", "AsyncCheckpointSaver",
 ]

@@ -4,7 +4,9 @@ A save goes to ``<root>/.step_<N>.tmp``; only when every rank has finished writi
 write ``meta.json`` into it, rename it to ``step_<N>`` and then replace ``latest`` (write temp +
 rename). A crash at any point leaves the previous checkpoint and pointer intact; leftover
 ``.step_*.tmp`` / ``.step_*.old`` directories are never read (resume only looks at ``step_<N>``
-directories that hold ``meta.json``) and are removed by the next save.
+directories that hold ``meta.json``) and are removed by the next save. ``<root>/best`` (written with
+``latest`` when the trainer saves the best evaluation's step, checkpoint.best_metric) names a checkpoint
+that ``keep`` never prunes; both pointer files are accepted wherever a checkpoint path is.
 
 A failure on any rank (disk full, permission denied, a dead shard writer) is agreed on by every rank
 (:func:`agree`, an all-reduced flag where a barrier used to be): all of them raise the same
@@ -36,6 +38,7 @@ from .sharded import CheckpointError, load_state, read_full_state, save_state, w
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 LATEST_FILE = "latest"
+BEST_FILE = "best"  # names the step_<N> of the best evaluation (checkpoint.best_metric); never pruned
 PAUSE_ENV = "MEGATRON_BERT_TEST_SAVE_PAUSE"
 
 
@@ -79,17 +82,36 @@ def list_checkpoints(root) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _pointed_at(pointer: Path) -> Path | None:
+    """The complete ``step_<N>`` sibling a pointer file (``latest``, ``best``) names, or None."""
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    target = pointer.parent / name
+    if name.startswith("step_") and "/" not in name and (target / META_FILE).exists():
+        return target
+    return None
+
+
 def latest_checkpoint(root) -> Path | None:
     """The checkpoint ``latest`` names; falls back to the newest complete step directory."""
     root = Path(root)
     pointer = root / LATEST_FILE
     if pointer.exists():
-        name = pointer.read_text().strip()
-        target = root / name
-        if name.startswith("step_") and "/" not in name and (target / META_FILE).exists():
+        target = _pointed_at(pointer)
+        if target is not None:
             return target
     found = list_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def best_checkpoint(root) -> Path | None:
+    """The checkpoint ``best`` names (checkpoint.best_metric), if any."""
+    pointer = Path(root) / BEST_FILE
+    return _pointed_at(pointer) if pointer.exists() else None
+
+
 
 
 def resolve_checkpoint(path) -> Path:
@@ -97,6 +119,12 @@ def resolve_checkpoint(path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist: check checkpoint.resume / task.pretrained")
+    if p.is_file() and p.name in (LATEST_FILE, BEST_FILE):  # a pointer: the step directory it names
+        target = _pointed_at(p)
+        if target is None:
+            raise CheckpointError(f"{p} does not name a complete step_<N> directory next to it: "
+                                  f"point at a step_<N> directory of {p.parent}")
+        return target
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {p} is not a directory: point at a step_<N> directory or its parent")
     if p.name.startswith(".step_") and p.name.endswith((".tmp", ".old")):
@@ -191,8 +219,9 @@ def _test_pause(step: int) -> None:
             time.sleep(float(secs or 60))
 
 
-def finalize_save(tmp: Path, final: Path, meta: dict, keep: int = 0) -> Path:
-    """Rank 0, once every rank has written its shards into ``tmp``: meta.json, rename, ``latest``, prune."""
+def finalize_save(tmp: Path, final: Path, meta: dict, keep: int = 0, best: bool = False) -> Path:
+    """Rank 0, once every rank has written its shards into ``tmp``: meta.json, rename, ``latest`` (and
+    ``best`` when this is the best evaluation's checkpoint), prune (never what ``best`` names)."""
     root = final.parent
     write_text_atomic(tmp / META_FILE, json.dumps(meta, indent=1, default=str))
     _test_pause(int(meta["step"]))
@@ -209,10 +238,13 @@ def finalize_save(tmp: Path, final: Path, meta: dict, keep: int = 0) -> Path:
         raise
     _fsync_dir(root)
     write_text_atomic(root / LATEST_FILE, final.name + "\n")
+    if best:
+        write_text_atomic(root / BEST_FILE, final.name + "\n")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     if keep > 0:
-        others = [d for _, d in list_checkpoints(root) if d != final]
+        protected = {final, best_checkpoint(root)}  # the best evaluation's checkpoint is kept too
+        others = [d for _, d in list_checkpoints(root) if d not in protected]
         for d in others[:max(0, len(others) - (keep - 1))]:
             trash = root / f".{d.name}.old"  # rename first: a half-deleted step_<N> is never left behind
             try:
@@ -228,8 +260,9 @@ def full_meta(meta: dict, step: int, ps: ParallelState) -> dict:
 
 
 def save_checkpoint(root, step: int, model, optimizer, ps: ParallelState, meta: dict,
-                    rng_state: dict | None = None, keep: int = 0) -> Path:
-    """Collective, synchronous: every rank calls it. Returns the final step directory.
+                    rng_state: dict | None = None, keep: int = 0, best: bool = False) -> Path:
+    """Collective, synchronous: every rank calls it. Returns the final step directory. ``best``: also
+    point ``<root>/best`` at it (the best evaluation so far, checkpoint.best_metric).
 
     A failure on any rank raises the same CheckpointError on every rank (see :func:`agree`)."""
     tmp, final = begin_save(root, step, ps)
@@ -242,7 +275,7 @@ def save_checkpoint(root, step: int, model, optimizer, ps: ParallelState, meta: 
     agree(ps, error, step, tmp)
     if ps.is_main:
         try:
-            finalize_save(tmp, final, full_meta(meta, step, ps), keep)
+            finalize_save(tmp, final, full_meta(meta, step, ps), keep, best)
         except OSError as e:
             error = e
     agree(ps, error, step, tmp)

@@ -11,12 +11,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from ..checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
                           save_checkpoint)
 from ..checkpoint.manager import agree
 from . import faults
+from .config import ConfigError
 from .faults import TrainingStopped
 
 ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
@@ -62,6 +64,9 @@ class CheckpointingMixin:
                 self.tracker.set_states(rng["tracker"])
             self.log(f"resumed from {ckpt} (step {self.step}, {self.consumed_samples} samples; "
                      f"saved at TP={meta['saved_tp']} DP={meta['saved_dp']}, now TP={self.ps.tp_size} DP={self.ps.dp_size})")
+            best = meta.get("best")
+            if best and (best.get("metric"), best.get("mode")) == (self.cfg.checkpoint.best_metric, self._best_mode()):
+                self.best = best  # the run goes on comparing with the best evaluation before the restart
             changed = sample_stream_changes(meta.get("config", {}), OmegaConf.to_container(self.cfg))
             if changed:
                 self.log(f"note: the data settings differ from the checkpoint's ({'; '.join(changed)}): samples from "
@@ -85,9 +90,52 @@ class CheckpointingMixin:
         kept = latest_checkpoint(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else None
         return f"the last good checkpoint {kept} is kept" if kept else "no earlier checkpoint exists"
 
-    def save(self) -> Path | None:
+    # ------------------------------------------------------------------ the best evaluation
+    def _best_mode(self) -> str:
+        c = self.cfg.checkpoint
+        if c.best_mode != "auto":
+            return c.best_mode
+        return "min" if "loss" in (c.best_metric or "") else "max"
+
+    def best_candidate(self, res: dict) -> dict | None:
+        """After an evaluation: its record if it is the best so far by ``checkpoint.best_metric``, else None.
+        Every rank has the metrics; rank 0's decision is taken (a save is collective: a last-bit
+        difference between ranks must not split them). :meth:`save_best` then keeps it."""
+        metric = self.cfg.checkpoint.best_metric
+        if not metric or not self.cfg.checkpoint.dir:
+            return None
+        value = res.get(metric)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            names = ", ".join(k for k, v in res.items() if isinstance(v, float))
+            raise ConfigError(f"checkpoint.best_metric={metric} is not a metric of this evaluation (it reports: "
+                              f"{names}): pick one of them")
+        mode = self._best_mode()
+        best = self.best["value"] if self.best else None
+        better = value == value and (best is None or (value > best if mode == "max" else value < best))  # NaN: never
+        if self.ps.distributed:
+            flag = torch.tensor([1.0 if better else 0.0], device=self.ps.device)
+            dist.broadcast(flag, src=0)
+            better = bool(flag.item())
+        return {"metric": metric, "mode": mode, "value": float(value), "step": self.step} if better else None
+
+    def save_best(self, candidate: dict) -> Path | None:
+        """Save this step as the best one: synchronously (so that ``best`` never names a checkpoint still
+        being written), the record in its meta (a resumed run compares with it), then ``<dir>/best``."""
+        previous, self.best = self.best, candidate
+        try:
+            path = self.save(best=True)
+        except BaseException:
+            self.best = previous
+            raise
+        if path is not None:
+            self.log(f"best {self.best['metric']} so far ({self.best['value']:.4f}): {path}")
+        return path
+
+    def save(self, best: bool = False) -> Path | None:
         """Save (collective). Never writes non-finite weights; disk errors follow checkpoint.on_error:
-        ``exit`` stops at the first failure, ``retry`` tries ``checkpoint.retries`` more times."""
+        ``exit`` stops at the first failure, ``retry`` tries ``checkpoint.retries`` more times.
+        ``best``: the best evaluation's checkpoint, written before it returns (even with
+        checkpoint.async_save) and named by ``<dir>/best``."""
         c = self.cfg.checkpoint
         if not c.dir:
             return None
@@ -97,7 +145,7 @@ class CheckpointingMixin:
         attempts = 1 + (c.retries if c.on_error == "retry" else 0)
         for attempt in range(1, attempts + 1):
             try:
-                return self._save_once()
+                return self._save_once(best)
             except CheckpointError as e:
                 if attempt == attempts:
                     raise self._save_failed(e) from None
@@ -120,17 +168,17 @@ class CheckpointingMixin:
             error = e
         agree(self.ps, error, step, Path(self.cfg.checkpoint.dir) / f".step_{step}.tmp")
 
-    def _save_once(self) -> Path:
+    def _save_once(self, best: bool = False) -> Path:
         c = self.cfg.checkpoint
         rng = {"cpu": torch.get_rng_state(), "tracker": self.tracker.get_states()}
         if self.ps.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.ps.device)
         meta = {"config": OmegaConf.to_container(self.cfg), "model": self.model_cfg.to_dict(),
                 "head": self.task.head, "head_kwargs": getattr(self.task, "head_kwargs", {}),
-                "consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(),
+                "consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(), "best": self.best,
                 **self.task.checkpoint_meta()}
         t0 = time.perf_counter()
-        if c.async_save:
+        if c.async_save and not best:
             from ..checkpoint import AsyncCheckpointSaver
 
             if self._async_saver is None:
@@ -140,6 +188,7 @@ class CheckpointingMixin:
             path, held = self._async_saver.save(c.dir, self.step, self.model, self.optimizer, meta, rng, keep=c.keep)
             self.log(f"saving checkpoint {path} in the background (training held {held:.2f} s)")
             return path
-        path = save_checkpoint(c.dir, self.step, self.model, self.optimizer, self.ps, meta, rng, keep=c.keep)
+        self._wait_async_save()  # (a sync save after async ones: the pending one lands first)
+        path = save_checkpoint(c.dir, self.step, self.model, self.optimizer, self.ps, meta, rng, keep=c.keep, best=best)
         self.log(f"saved checkpoint {path} ({time.perf_counter() - t0:.1f} s)")
         return path

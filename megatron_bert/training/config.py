@@ -132,6 +132,8 @@ class CheckpointSchema:
     on_error: str = "exit"  # a failed save (disk full, permission denied): exit | retry
     retries: int = 3  # on_error=retry: further attempts before giving up
     retry_wait: float = 10.0  # seconds between attempts
+    best_metric: Optional[str] = None  # an eval metric: keep the best checkpoint by it (<dir>/best)
+    best_mode: str = "auto"  # auto (min for *loss*, else max) | max | min
 
 
 @dataclass
@@ -226,6 +228,7 @@ _CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.lr_schedule": ("linear", "cosine", "constant"),
+    "checkpoint.best_mode": ("auto", "max", "min"),
     "data.binary_head": ("sop", "nsp", "none"),
     "task.mode": ("train", "evaluate", "predict"),
     "checkpoint.on_error": ("exit", "retry"),
@@ -296,6 +299,13 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                           "with parallel.sequence_parallel=true")
     if cfg.checkpoint.keep < 0 or cfg.checkpoint.save_interval < 0:
         raise ConfigError("checkpoint.keep and checkpoint.save_interval must be >= 0")
+    if cfg.checkpoint.best_metric is not None:
+        if not cfg.checkpoint.dir:
+            raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric} needs checkpoint.dir (the best "
+                              "checkpoint is kept there): set checkpoint.dir or drop checkpoint.best_metric")
+        if tr.eval_iters <= 0:
+            raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric} needs evaluations, but "
+                              f"train.eval_iters={tr.eval_iters} turns them off: set train.eval_iters >= 1")
     if cfg.checkpoint.dir and Path(cfg.checkpoint.dir).exists() and not Path(cfg.checkpoint.dir).is_dir():
         raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is not a directory: point it at a directory")
     from ..config import NAMED_SIZES, ModelConfigError

@@ -27,7 +27,7 @@ from parallel import ParallelState, allreduce_data_parallel_grads, allreduce_seq
 from parallel.grads import clip_coefficient
 from parallel.random import seed_everything
 
-from ..checkpoint import CheckpointError, latest_checkpoint
+from ..checkpoint import CheckpointError, best_checkpoint, latest_checkpoint
 from ..config import ModelRuntime
 from . import faults
 from .checkpointing import CheckpointingMixin
@@ -65,6 +65,7 @@ class Trainer(CheckpointingMixin):
         self._nan = False
         self._async_saver, self._async_step = None, 0
         self.step_graphs = None  # cuda_graph.StepGraphs when train.cuda_graph is on (set up in setup())
+        self.best = None  # {"metric", "mode", "value", "step"} of the best evaluation (checkpoint.best_metric)
         # From the start, so that a SIGTERM (torchrun stopping the group, a pre-emption) during setup
         # neither kills a rank before it has printed its error line nor is lost: it stops after step 1.
         self._install_signal_handlers()
@@ -331,13 +332,16 @@ class Trainer(CheckpointingMixin):
                 raise TrainingStopped(
                     f"{bad_steps} consecutive steps had a non-finite loss or gradient (last at step {self.step}): "
                     f"stopping; {self._kept()} — lower train.lr or use train.precision=fp32")
+            best = None  # this evaluation, if it is the best so far by checkpoint.best_metric
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                 self._enter("evaluation", self.step)
-                self.run_eval()
-            # A save falling on a non-finite bf16/fp32 step waits for the next finite one (fp16 skips are routine).
+                res = self.run_eval()
+                best = self.best_candidate(res) if res is not None else None
+            # A save falling on a non-finite bf16/fp32 step waits for the next finite one (fp16 skips are routine;
+            # a best evaluation there is not kept: its weights cannot be saved).
             save_due = save_due or bool(cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0)
-            if save_due and (stats["finite"] or self.scaler.enabled):
-                self.save()
+            if (save_due or best) and (stats["finite"] or self.scaler.enabled):
+                self.save_best(best) if best else self.save()
                 last_saved, save_due = self.step, False
             self._enter("stop-flag all-reduce", self.step)
             reason = self._should_stop(start, max_time)
@@ -355,8 +359,10 @@ class Trainer(CheckpointingMixin):
             self._async_saver.close()
             self._async_saver = None
         final = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+        best = best_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.best_metric and cfg.checkpoint.dir else None
         self.log(f"done: step {self.step}, {self.consumed_samples} samples | metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}"
-                 + (f" | checkpoint: {final}" if final else ""))
+                 + (f" | checkpoint: {final}" if final else "")
+                 + (f" | best {self.best['metric']} {self.best['value']:.4f}: {best}" if best and self.best else ""))
         self.writer.close()
         return 0
 
