@@ -162,3 +162,35 @@ def test_sample_stream_changes_name_the_keys_a_resume_changed():
     assert sample_stream_changes(saved, now) == ["data.prefix: '/d/a' → [0.5, '/d/a', 0.5, '/d/b']",
                                                  "train.seed: 1 → 2"]
     assert sample_stream_changes(saved, saved) == [] and sample_stream_changes({}, now) == []
+
+
+def test_a_separate_validation_corpus_validates_and_every_train_document_trains(tmp_path):
+    """data.valid_prefix: the validation samples are all of that corpus's, the train samples all of data.prefix's
+    (no documents held out), as the log says; the evaluation reads it."""
+    import re
+
+    from megatron_bert.data import load_tokenizer
+    from megatron_bert.preprocess import preprocess
+    from train_fixtures import base_overrides, build_dataset, metrics, train, write_corpus
+
+    first = build_dataset(tmp_path / "a")
+    held_out = str(tmp_path / "b" / "docs")
+    (tmp_path / "b").mkdir()
+    preprocess(str(write_corpus(tmp_path / "b" / "corpus.jsonl", docs=60, seed=1)), held_out, first["tokenizer"],
+               workers=1, log=lambda s: None)
+    run = tmp_path / "run"
+    res = train(base_overrides(first, run, **{"data.valid_prefix": held_out, "train.max_steps": 2,
+                                              "train.eval_interval": 2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"data: (\d+) train samples per epoch from (\S+) / (\d+) valid from (\S+) \(data.valid_prefix\)",
+                  res.stdout)
+    assert m and (m.group(2), m.group(4)) == (first["prefix"], held_out), res.stdout[-2000:]
+    tok = load_tokenizer(first["tokenizer"])
+    kw = dict(valid_fraction=0.0, cache_dir=run / "cache")
+    all_train, _ = build_pretraining_datasets(first["prefix"], tok, 64, 1234, **kw)
+    all_held_out, _ = build_pretraining_datasets(held_out, tok, 64, 1234, **kw)
+    split_train, _ = build_pretraining_datasets(first["prefix"], tok, 64, 1234, valid_fraction=0.02,
+                                                cache_dir=run / "cache")
+    assert (int(m.group(1)), int(m.group(3))) == (len(all_train), len(all_held_out))
+    assert len(all_train) > len(split_train)  # the 2% the default split holds out now trains
+    assert [r["step"] for r in metrics(run, "valid")] == [2]

@@ -26,27 +26,27 @@ class BlendError(ValueError):
     """``data.prefix`` does not describe a dataset or a blend; the message says how to write one."""
 
 
-def parse_blend(value) -> list[tuple[float | None, str]]:
-    """``data.prefix`` → ``[(weight or None, prefix), ...]``. A string is one dataset; a list is either
-    prefixes (weights by size: ``None``) or alternating ``weight, prefix`` pairs."""
+def parse_blend(value, key: str = "data.prefix") -> list[tuple[float | None, str]]:
+    """``data.prefix`` (or ``key``, e.g. data.valid_prefix) → ``[(weight or None, prefix), ...]``. A string
+    is one dataset; a list is either prefixes (weights by size: ``None``) or alternating ``weight, prefix``."""
     if isinstance(value, (str, os.PathLike, int, float)) and not isinstance(value, bool):
         return [(None, str(value))]  # a path (Hydra reads data.prefix=2024 as a number)
-    how = "give data.prefix=PATH, data.prefix=[PATH,PATH] or data.prefix=[WEIGHT,PATH,WEIGHT,PATH]"
+    how = f"give {key}=PATH, {key}=[PATH,PATH] or {key}=[WEIGHT,PATH,WEIGHT,PATH]"
     if not isinstance(value, Sequence) or isinstance(value, bytes):
-        raise BlendError(f"data.prefix={value!r} is not a path or a list of them: {how}")
+        raise BlendError(f"{key}={value!r} is not a path or a list of them: {how}")
     if not len(value):
-        raise BlendError(f"data.prefix=[] names no dataset: {how}")
+        raise BlendError(f"{key}=[] names no dataset: {how}")
     items = list(value)
     numeric = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in items]
     if not any(numeric):
         return [(None, str(v)) for v in items]
     if len(items) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
-        raise BlendError(f"data.prefix={items} mixes weights and paths out of order: write "
-                         "data.prefix=[WEIGHT,PATH,WEIGHT,PATH,...] (a weight before every path) or paths only")
+        raise BlendError(f"{key}={items} mixes weights and paths out of order: write "
+                         f"{key}=[WEIGHT,PATH,WEIGHT,PATH,...] (a weight before every path) or paths only")
     pairs = [(float(w), str(p)) for w, p in zip(items[0::2], items[1::2])]
     for w, p in pairs:
         if not (math.isfinite(w) and w > 0):
-            raise BlendError(f"data.prefix: the weight of {p} is {w}; weights must be finite and > 0 "
+            raise BlendError(f"{key}: the weight of {p} is {w}; weights must be finite and > 0 "
                              "(drop the dataset instead of giving it weight 0)")
     return pairs
 

@@ -48,6 +48,7 @@ class ParallelSchema:
 class DataSchema:
     name: str = "quickstart"
     prefix: Optional[Any] = None  # PATH, [PATH, ...] or [WEIGHT, PATH, ...] (data/blend.py)
+    valid_prefix: Optional[Any] = None  # a separate validation corpus (same forms as prefix)
     tokenizer: Optional[str] = None
     cache_dir: Optional[str] = None
     seq_length: int = 128
@@ -273,13 +274,14 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if value is not None and not 1 <= value <= max_pos:
             raise ConfigError(f"{key}={value} must be in [1, model.max_position_embeddings={max_pos}]: "
                               "shorten the sequences or raise model.max_position_embeddings")
-    if cfg.data.prefix is not None:
-        from ..data.blend import BlendError, parse_blend
+    from ..data.blend import BlendError, parse_blend
 
-        try:
-            parse_blend(cfg.data.prefix)  # a ListConfig is a Sequence
-        except BlendError as e:
-            raise ConfigError(str(e)) from None
+    for key in ("prefix", "valid_prefix"):
+        if cfg.data[key] is not None:
+            try:
+                parse_blend(cfg.data[key], f"data.{key}")  # a ListConfig is a Sequence
+            except BlendError as e:
+                raise ConfigError(str(e)) from None
     if not 0 < cfg.data.masked_lm_prob <= 1:
         raise ConfigError(f"data.masked_lm_prob={cfg.data.masked_lm_prob} must be in (0, 1]")
     if cfg.optim.min_lr < 0 or cfg.optim.min_lr > tr.lr:

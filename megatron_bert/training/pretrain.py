@@ -80,9 +80,11 @@ class PretrainTask:
         from ..data.blend import BlendedDataset, build_blended_pretraining_datasets, parse_blend
 
         d = self.cfg.data
-        prefix, tokenizer = d.prefix, d.tokenizer
+        prefix, tokenizer, valid_prefix = d.prefix, d.tokenizer, d.valid_prefix
         if isinstance(prefix, ListConfig):
             prefix = OmegaConf.to_container(prefix)
+        if isinstance(valid_prefix, ListConfig):
+            valid_prefix = OmegaConf.to_container(valid_prefix)
         for rank_turn in (True, False):
             if self.ps.is_main == rank_turn:
                 if prefix is None:
@@ -95,17 +97,30 @@ class PretrainTask:
                 if tokenizer is None:
                     raise ValueError("data.tokenizer is not set: give data.tokenizer=vocab.txt or a .model file")
                 self.tokenizer = load_tokenizer(tokenizer)
+                options = dict(binary_head=None if d.binary_head == "none" else d.binary_head,
+                               masked_lm_prob=d.masked_lm_prob, whole_word_masking=d.whole_word_masking,
+                               short_seq_prob=d.short_seq_prob, cache_dir=d.cache_dir)
+                # with a separate validation corpus every document of data.prefix trains
+                split = 0.0 if valid_prefix is not None else d.valid_fraction
                 self.train_ds, self.valid_ds = build_blended_pretraining_datasets(
                     parse_blend(prefix), self.tokenizer, d.seq_length, self.cfg.train.seed,
-                    valid_fraction=d.valid_fraction,
-                    binary_head=None if d.binary_head == "none" else d.binary_head, masked_lm_prob=d.masked_lm_prob,
-                    whole_word_masking=d.whole_word_masking, short_seq_prob=d.short_seq_prob, cache_dir=d.cache_dir)
+                    valid_fraction=split, **options)
+                if valid_prefix is not None:  # all of its documents (its "train" part at fraction 0)
+                    self.valid_ds, _ = build_blended_pretraining_datasets(
+                        parse_blend(valid_prefix, "data.valid_prefix"), self.tokenizer, d.seq_length,
+                        self.cfg.train.seed, valid_fraction=0.0, **options)
             self.ps.barrier()
         self.tokenizer_path = str(Path(tokenizer).resolve())
         self.data_prefix = prefix if isinstance(prefix, list) else str(prefix)
-        source = (f"a blend of {self.train_ds.describe()}" if isinstance(self.train_ds, BlendedDataset)
-                  else prefix)
-        self.log(f"data: {len(self.train_ds)} train / {len(self.valid_ds)} valid samples per epoch from {source}")
+        def source(ds, path):
+            return f"a blend of {ds.describe()}" if isinstance(ds, BlendedDataset) else path
+
+        if valid_prefix is None:
+            self.log(f"data: {len(self.train_ds)} train / {len(self.valid_ds)} valid samples per epoch from "
+                     f"{source(self.train_ds, prefix)}")
+        else:
+            self.log(f"data: {len(self.train_ds)} train samples per epoch from {source(self.train_ds, prefix)} / "
+                     f"{len(self.valid_ds)} valid from {source(self.valid_ds, valid_prefix)} (data.valid_prefix)")
         return self.tokenizer.vocab_size
 
     def train_batches(self, consumed_samples: int):
