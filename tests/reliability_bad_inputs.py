@@ -37,6 +37,9 @@ CASES = [
     ("cfg-negative-save-interval", ["checkpoint.save_interval=-5"], {}, "must be >= 0"),
     ("cfg-bad-max-time", ["train.max_time=1h"], {}, "train.max_time='1h' is not seconds or HH:MM:SS"),
     ("cfg-warmup-fraction-range", ["optim.warmup_fraction=2"], {}, "optim.warmup_fraction=2.0 must be in [0, 1]"),
+    ("cfg-decay-fraction-range", ["optim.lr_schedule=wsd", "optim.decay_fraction=1.5"], {},
+     "optim.decay_fraction=1.5 must be in [0, 1]"),
+    ("cfg-decay-style-choice", ["optim.decay_style=exp"], {}, "optim.decay_style='exp' is not one of linear, cosine, 1-sqrt"),
     ("cfg-min-lr-above-lr", ["optim.min_lr=1"], {}, "optim.min_lr=1.0 must be in [0, train.lr]"),
     ("cfg-recompute-choice", ["parallel.recompute=some"], {}, "parallel.recompute='some' is not one of"),
     ("cfg-dropout-range", ["model.hidden_dropout=1.5"], {}, "model.hidden_dropout must be in [0, 1)"),
@@ -59,6 +62,8 @@ CASES = [
     ("cfg-profile-steps-order", ["train.profile_steps=[5,2]"], {}, "train.profile_steps=[5, 2] must be [START,END]"),
     ("cfg-profile-rank-outside", ["train.profile_ranks=[4]"], {}, "train.profile_ranks=[4] names ranks outside 0..0"),
     ("cfg-best-mode-choice", ["checkpoint.best_mode=up"], {}, "checkpoint.best_mode='up' is not one of auto, max, min"),
+    ("cfg-early-stop-without-metric", ["train.early_stop_patience=3"], {},
+     "train.early_stop_patience=3 needs checkpoint.best_metric"),
     ("cfg-best-metric-without-eval", ["checkpoint.best_metric=lm_loss", "train.eval_iters=0"], {},
      "checkpoint.best_metric=lm_loss needs evaluations, but train.eval_iters=0 turns them off"),
     # found at the first evaluation (the metric names are the task's): step 3 trains, nothing is saved

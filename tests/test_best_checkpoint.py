@@ -1,5 +1,5 @@
 """checkpoint.best_metric: the best evaluation's checkpoint is saved, named by <dir>/best and never pruned;
-pointer files resolve as checkpoint paths."""
+pointer files resolve as checkpoint paths; train.early_stop_patience stops a run that no longer improves."""
 import json
 import re
 
@@ -70,3 +70,28 @@ def test_the_best_evaluation_is_saved_kept_and_resumable(dataset, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {ckpts / ('step_%d' % top['step'])} (step {top['step']}" in res.stdout
     assert [r["step"] for r in metrics(again)] == [top["step"] + 1]
+
+
+def test_early_stopping_after_patience_evaluations_without_a_better_one(dataset, tmp_path):
+    """best_mode=max on lm_loss (it falls): the step-2 evaluation stays the best, the step-4 one does not beat
+    it, and patience 1 stops the run there: a clean stop that saves step 4 and keeps step 2 as best."""
+    run = tmp_path / "run"
+    res = train(base_overrides(dataset, run, **{
+        "train.max_steps": 10, "train.eval_interval": 2, "train.eval_iters": 2, "train.early_stop_patience": 1,
+        "checkpoint.best_metric": "lm_loss", "checkpoint.best_mode": "max"}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    evals = metrics(run, "valid")
+    assert [r["step"] for r in evals] == [2, 4] and evals[1]["lm_loss"] < evals[0]["lm_loss"]
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    assert (f"stopping at step 4: early stop: lm_loss has not improved on {evals[0]['lm_loss']:.4f} (step 2) "
+            "in 1 evaluations") in res.stdout
+    ckpts = run / "checkpoints"
+    assert best_checkpoint(ckpts) == ckpts / "step_2" and resolve_checkpoint(ckpts) == ckpts / "step_4"
+    assert json.loads((ckpts / "step_4" / META_FILE).read_text())["stale_evals"] == 1
+    # resumed with patience 2: the best (step 2) and the count (1) come back, so the step-6 evaluation stops it
+    res = train(base_overrides(dataset, run, **{
+        "train.max_steps": 10, "train.eval_interval": 2, "train.eval_iters": 2, "train.early_stop_patience": 2,
+        "checkpoint.best_metric": "lm_loss", "checkpoint.best_mode": "max"}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "stopping at step 6: early stop" in res.stdout, res.stdout[-2000:]
+    assert "(step 2) in 2 evaluations" in res.stdout and best_checkpoint(ckpts) == ckpts / "step_2"

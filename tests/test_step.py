@@ -1,6 +1,7 @@
 """The pieces that keep a training step free of host decisions (so CUDA graphs can capture it):
 padded MLM target positions, the device-side clip coefficient, the skip of non-finite steps and
-the device-tensor learning rate. All on CPU; tests/test_gpu.py replays the captured step."""
+the device-tensor learning rate, and the LR schedules' shapes. All on CPU; tests/test_gpu.py replays the
+captured step."""
 import math
 import types
 
@@ -132,6 +133,43 @@ def test_lr_schedule_fills_a_device_tensor_lr_in_place():
     sched = LRSchedule(1e-3, total_steps=10, warmup_steps=2)
     assert sched.apply(opt, 0) == pytest.approx(5e-4)
     assert opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(5e-4)
+
+
+def test_lr_schedules_warm_up_then_follow_their_shapes():
+    """Every schedule: linear warmup to lr over 4 steps, then its own shape down to min_lr at step 20."""
+    lr, lo, total, warm = 1.0, 0.1, 20, 4
+
+    def at(style, step, **kw):
+        return LRSchedule(lr, total, warm, style, lo, **kw)(step)
+
+    for style in ("linear", "cosine", "constant", "wsd", "inverse_sqrt"):
+        assert [at(style, s) for s in range(warm)] == pytest.approx([0.25, 0.5, 0.75, 1.0]), style
+    assert at("linear", 12) == pytest.approx(lo + (lr - lo) * (1 - 8 / 16))
+    assert at("cosine", 12) == pytest.approx(lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * 8 / 16)))
+    assert at("constant", 19) == lr
+    assert at("inverse_sqrt", 15) == pytest.approx(math.sqrt(4 / 16)) and at("inverse_sqrt", 10_000) == lo
+    # wsd: stable until the last 5 steps, then each decay shape from lr towards min_lr
+    for shape, left in (("linear", lambda p: 1 - p), ("cosine", lambda p: 0.5 * (1 + math.cos(math.pi * p))),
+                        ("1-sqrt", lambda p: 1 - math.sqrt(p))):
+        got = [at("wsd", s, decay_steps=5, decay_style=shape) for s in range(warm, total + 1)]
+        want = [lr] * 11 + [lo + (lr - lo) * left(k / 5) for k in range(5)] + [lo]
+        assert got == pytest.approx(want), shape
+    # a decay longer than what follows the warmup starts right after it
+    assert at("wsd", warm, decay_steps=100) == pytest.approx(lr) and at("wsd", 12, decay_steps=100) == at("linear", 12)
+
+
+def test_the_trainer_applies_the_wsd_schedule_it_logs(tmp_path):
+    """optim.lr_schedule=wsd from the command line: the lr of each logged step is the schedule's for it."""
+    from train_fixtures import base_overrides, build_dataset, metrics, train
+
+    data = build_dataset(tmp_path / "data")
+    res = train(base_overrides(data, tmp_path / "run", **{
+        "optim.lr_schedule": "wsd", "optim.decay_fraction": 0.5, "optim.decay_style": "1-sqrt", "optim.min_lr": 1e-4}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    sched = LRSchedule(1e-3, 6, 2, "wsd", 1e-4, decay_steps=3, decay_style="1-sqrt")
+    assert [r["lr"] for r in metrics(tmp_path / "run")] == pytest.approx([sched(s) for s in range(6)], rel=1e-12)
+    assert [round(sched(s), 8) for s in range(6)] == [5e-4, 1e-3, 1e-3, 1e-3, round(1e-4 + 9e-4 * (1 - (1 / 3) ** 0.5), 8),
+                                                      round(1e-4 + 9e-4 * (1 - (2 / 3) ** 0.5), 8)]
 
 
 def test_trainer_steps_are_the_same_with_the_last_layer_pruned(tmp_path):

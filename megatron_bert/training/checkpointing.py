@@ -67,6 +67,7 @@ class CheckpointingMixin:
             best = meta.get("best")
             if best and (best.get("metric"), best.get("mode")) == (self.cfg.checkpoint.best_metric, self._best_mode()):
                 self.best = best  # the run goes on comparing with the best evaluation before the restart
+                self.stale_evals = int(meta.get("stale_evals", 0))
             changed = sample_stream_changes(meta.get("config", {}), OmegaConf.to_container(self.cfg))
             if changed:
                 self.log(f"note: the data settings differ from the checkpoint's ({'; '.join(changed)}): samples from "
@@ -176,6 +177,7 @@ class CheckpointingMixin:
         meta = {"config": OmegaConf.to_container(self.cfg), "model": self.model_cfg.to_dict(),
                 "head": self.task.head, "head_kwargs": getattr(self.task, "head_kwargs", {}),
                 "consumed_samples": self.consumed_samples, "scaler": self.scaler.state_dict(), "best": self.best,
+                "stale_evals": self.stale_evals,
                 **self.task.checkpoint_meta()}
         t0 = time.perf_counter()
         if c.async_save and not best:

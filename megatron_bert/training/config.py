@@ -96,6 +96,8 @@ class OptimSchema:
     warmup_fraction: float = 0.01
     warmup_steps: Optional[int] = None
     min_lr: float = 0.0
+    decay_fraction: float = 0.1
+    decay_style: str = "linear"
     distributed_optimizer: bool = False
 
 
@@ -114,6 +116,7 @@ class TrainSchema:
     eval_iters: int = 10
     dist_timeout: float = 600.0  # seconds any collective may wait (every process group) before the run fails
     max_bad_steps: int = 5
+    early_stop_patience: int = 0  # evaluations without a better checkpoint.best_metric before stopping (0 = off)
     heartbeat_interval: float = 60.0  # seconds; 0 = off (RELIABILITY.md)
     compile: bool = False  # GPU: torch.compile each transformer layer (fuses the elementwise work)
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
@@ -228,7 +231,8 @@ _CHOICES = {
     "parallel.dropout_impl": ("auto", "keyed", "native"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
-    "optim.lr_schedule": ("linear", "cosine", "constant"),
+    "optim.lr_schedule": ("linear", "cosine", "constant", "wsd", "inverse_sqrt"),
+    "optim.decay_style": ("linear", "cosine", "1-sqrt"),
     "checkpoint.best_mode": ("auto", "max", "min"),
     "data.binary_head": ("sop", "nsp", "none"),
     "task.mode": ("train", "evaluate", "predict"),
@@ -288,6 +292,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} must be in [0, train.lr]")
     if not 0 <= cfg.optim.warmup_fraction <= 1:
         raise ConfigError(f"optim.warmup_fraction={cfg.optim.warmup_fraction} must be in [0, 1]")
+    if not 0 <= cfg.optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction={cfg.optim.decay_fraction} must be in [0, 1] (the share of "
+                          "train.max_steps that optim.lr_schedule=wsd decays over)")
     parse_time(tr.max_time)
     _check_profile(tr.profile_steps, tr.profile_ranks, world_size)
     if tr.cuda_graph and cfg.task.name != "pretrain":
@@ -308,6 +315,11 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if tr.eval_iters <= 0:
             raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric} needs evaluations, but "
                               f"train.eval_iters={tr.eval_iters} turns them off: set train.eval_iters >= 1")
+    if tr.early_stop_patience < 0:
+        raise ConfigError(f"train.early_stop_patience={tr.early_stop_patience} must be >= 0 (0 = off)")
+    if tr.early_stop_patience and cfg.checkpoint.best_metric is None:
+        raise ConfigError(f"train.early_stop_patience={tr.early_stop_patience} needs checkpoint.best_metric (the "
+                          "metric that must improve), e.g. checkpoint.best_metric=accuracy")
     if cfg.checkpoint.dir and Path(cfg.checkpoint.dir).exists() and not Path(cfg.checkpoint.dir).is_dir():
         raise ConfigError(f"checkpoint.dir={cfg.checkpoint.dir} is not a directory: point it at a directory")
     from ..config import NAMED_SIZES, ModelConfigError

@@ -83,11 +83,29 @@ def step_if_finite(optimizer, params, coef: torch.Tensor, finite: torch.Tensor) 
         optimizer.step()
 
 
-class LRSchedule:
-    """Linear warmup to ``lr``, then linear / cosine decay to ``min_lr`` at ``total_steps`` (or constant)."""
+def _decay(shape: str, progress: float) -> float:
+    """The share of (lr - min_lr) left at ``progress`` in [0, 1] of a decay of this shape."""
+    if shape == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if shape == "1-sqrt":
+        return 1.0 - math.sqrt(progress)
+    return 1.0 - progress  # linear
 
-    def __init__(self, lr: float, total_steps: int, warmup_steps: int, style: str = "linear", min_lr: float = 0.0):
+
+class LRSchedule:
+    """Linear warmup to ``lr``, then, to ``min_lr`` at ``total_steps``:
+
+    * ``linear`` / ``cosine``: decay over every step after the warmup;
+    * ``constant``: no decay;
+    * ``wsd`` (warmup-stable-decay): constant, then a ``decay_style`` decay (linear, cosine, 1-sqrt) over
+      the last ``decay_steps`` steps;
+    * ``inverse_sqrt``: ``lr * sqrt(warmup / (step + 1))`` (Megatron-LM's and fairseq's), not below ``min_lr``.
+    """
+
+    def __init__(self, lr: float, total_steps: int, warmup_steps: int, style: str = "linear", min_lr: float = 0.0,
+                 decay_steps: int = 0, decay_style: str = "linear"):
         self.lr, self.total, self.warmup, self.style, self.min_lr = lr, max(total_steps, 1), warmup_steps, style, min_lr
+        self.decay_steps, self.decay_style = decay_steps, decay_style
 
     def __call__(self, step: int) -> float:
         """LR used for optimizer step number ``step`` (0-based)."""
@@ -95,12 +113,16 @@ class LRSchedule:
             return self.lr * (step + 1) / self.warmup
         if self.style == "constant":
             return self.lr
+        if self.style == "inverse_sqrt":
+            return max(self.min_lr, self.lr * math.sqrt(max(self.warmup, 1) / (step + 1)))
+        if self.style == "wsd":
+            start = max(self.warmup, self.total - self.decay_steps)
+            if step < start:
+                return self.lr
+            progress = min(1.0, (step - start) / max(1, self.total - start))
+            return self.min_lr + (self.lr - self.min_lr) * _decay(self.decay_style, progress)
         progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        if self.style == "cosine":
-            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-        else:
-            factor = 1.0 - progress
-        return self.min_lr + (self.lr - self.min_lr) * factor
+        return self.min_lr + (self.lr - self.min_lr) * _decay(self.style, progress)
 
     def apply(self, optimizer, step: int) -> float:
         lr = self(step)

@@ -66,6 +66,7 @@ class Trainer(CheckpointingMixin):
         self._async_saver, self._async_step = None, 0
         self.step_graphs = None  # cuda_graph.StepGraphs when train.cuda_graph is on (set up in setup())
         self.best = None  # {"metric", "mode", "value", "step"} of the best evaluation (checkpoint.best_metric)
+        self.stale_evals = 0  # evaluations since the best one (train.early_stop_patience)
         # From the start, so that a SIGTERM (torchrun stopping the group, a pre-emption) during setup
         # neither kills a rank before it has printed its error line nor is lost: it stops after step 1.
         self._install_signal_handlers()
@@ -127,7 +128,8 @@ class Trainer(CheckpointingMixin):
             compile_model(self.model, cfg.train.compile_mode, ps, rt.sequence_parallel, self.log)
         total = cfg.train.max_steps
         warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_fraction * total)
-        self.schedule = LRSchedule(cfg.train.lr, total, warmup, o.lr_schedule, o.min_lr)
+        self.schedule = LRSchedule(cfg.train.lr, total, warmup, o.lr_schedule, o.min_lr,
+                                   decay_steps=int(round(o.decay_fraction * total)), decay_style=o.decay_style)
         self.scaler = LossScaler(cfg.train.precision == "fp16")
         self.autocast = self._autocast_factory()
         self._resume_or_init()
@@ -337,6 +339,8 @@ class Trainer(CheckpointingMixin):
                 self._enter("evaluation", self.step)
                 res = self.run_eval()
                 best = self.best_candidate(res) if res is not None else None
+                if res is not None and cfg.checkpoint.best_metric:
+                    self.stale_evals = 0 if best else self.stale_evals + 1
             # A save falling on a non-finite bf16/fp32 step waits for the next finite one (fp16 skips are routine;
             # a best evaluation there is not kept: its weights cannot be saved).
             save_due = save_due or bool(cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0)
@@ -345,6 +349,9 @@ class Trainer(CheckpointingMixin):
                 last_saved, save_due = self.step, False
             self._enter("stop-flag all-reduce", self.step)
             reason = self._should_stop(start, max_time)
+            if not reason and t.early_stop_patience and self.stale_evals >= t.early_stop_patience:
+                reason = (f"early stop: {self.best['metric']} has not improved on {self.best['value']:.4f} (step "
+                          f"{self.best['step']}) in {self.stale_evals} evaluations (train.early_stop_patience)")
             if reason:
                 self.stop_reason = reason
                 self.log(f"stopping at step {self.step}: {reason}")
