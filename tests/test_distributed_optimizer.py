@@ -60,7 +60,7 @@ def _losses(run_dir, steps):
 
 
 def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tmp_path):
-    """fp32 with dropout: TP=2×DP=2 sharded vs TP=1 (1e-5, like the other layouts); bf16 TP=1×DP=2 with
+    """fp32 with dropout: TP=2×DP=2 + SP sharded vs TP=1 (1e-5, like the other layouts); bf16 TP=1×DP=2 with
     clipping off: sharded vs unsharded losses bit for bit (same sums, elementwise AdamW, same casts). Then
     resumes: the sharded checkpoint at TP=1 unsharded, the unsharded one at TP=1×DP=2 sharded."""
     def ov(name, **extra):
@@ -69,7 +69,7 @@ def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tm
     zero = {"optim.distributed_optimizer": True}
     bf16 = {"train.precision": "bf16", "optim.clip_grad": 0.0}
     first = {
-        "zero_tp2_dp2": (4, ov("zero_tp2_dp2", **{"parallel.tensor": 2, **zero})),
+        "zero_tp2_dp2": (4, ov("zero_tp2_dp2", **{"parallel.tensor": 2, "parallel.sequence_parallel": True, **zero})),
         "ref_tp1": (1, ov("ref_tp1")),
         "zero_bf16": (2, ov("zero_bf16", **bf16, **zero)),
         "plain_bf16": (2, ov("plain_bf16", **bf16)),
@@ -110,10 +110,24 @@ def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tm
     for src, dst in (("zero_tp2_dp2", "from_zero"), ("ref_tp1", "to_zero")):
         shutil.copytree(tmp_path / src / "checkpoints" / "step_3", tmp_path / dst / "checkpoints" / "step_3")
         (tmp_path / dst / "checkpoints" / "latest").write_text("step_3")
-    second = {"from_zero": (1, ov("from_zero")), "to_zero": (2, ov("to_zero", **zero))}
+    # (beside them, fp16: loss scaling unscales the slices' grads; the losses are again the replicated ones)
+    fp16 = {"train.precision": "fp16", "optim.clip_grad": 0.0}
+    second = {"from_zero": (1, ov("from_zero")), "to_zero": (2, ov("to_zero", **zero)),
+              "zero_fp16": (2, ov("zero_fp16", **fp16, **zero)), "plain_fp16": (2, ov("plain_fp16", **fp16))}
     res = finish({k: launch(o, nproc=n) for k, (n, o) in second.items()}, timeout=300)
     for k in second:
         assert res[k][0] == 0, f"{k}: {describe(res[k])}"
+    for k in ("from_zero", "to_zero"):
         assert "resumed from" in res[k][1]
         for step, ((l1, g1), (l2, g2)) in enumerate(zip(ref[3:], _losses(tmp_path / k, range(4, 7))), 4):
             assert abs(l1 - l2) <= 1e-5 and abs(g1 - g2) <= 1e-4 * max(1.0, g1), (k, step, l1, l2, g1, g2)
+    # (step 1 overflows at the initial loss scale in both: skipped, the scale halved, on every rank alike)
+    plain, sharded = metrics(tmp_path / "plain_fp16"), metrics(tmp_path / "zero_fp16")
+    assert [r["step"] for r in plain] == [r["step"] for r in sharded] == list(range(1, 7))
+    assert [r["loss_scale"] for r in plain] == [r["loss_scale"] for r in sharded]
+    assert [r.get("loss") for r in plain] == [r.get("loss") for r in sharded]
+    assert sum(r.get("grad_norm") is not None for r in sharded) >= 4, "fp16 steps should mostly go through"
+    for a, b in zip(plain, sharded):
+        assert (a["grad_norm"] is None) == (b["grad_norm"] is None)
+        if a["grad_norm"] is not None:
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * a["grad_norm"], (a, b)

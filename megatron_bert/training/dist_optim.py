@@ -20,10 +20,10 @@ import torch
 from parallel import ParallelState, allreduce_sequence_parallel_grads
 from parallel.dp_shard import DPShardPlan
 
-from .optim import _PARAM_ATTRS, param_groups
+from .optim import _PARAM_ATTRS, WrapsOptimizer, fold_grads, param_groups
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(WrapsOptimizer):
     """Drop-in for the trainer's optimizer (torch AdamW or :class:`~.optim.MasterWeightsOptimizer`)
     when ``optim.distributed_optimizer`` is on and DP > 1. ``mixed``: the model is in bf16/fp16 and its
     grads are accumulated into fp32 whole-grad buffers here; otherwise ``p.grad`` (fp32) is used as is.
@@ -58,15 +58,6 @@ class DistributedOptimizer:
         self.optimizer = make_optimizer(model, self.master_of)
         self._whole: list[torch.Tensor | None] = [None] * len(self.model_params)  # mixed: fp32 whole grads
 
-    # what the trainer, the LR schedule and the checkpoint read
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
     def state_bytes(self) -> tuple[int, int]:
         """(bytes of fp32 masters + AdamW moments on this rank, bytes they would take unsharded)."""
         mine = sum(m.numel() for m in self.masters) * 4 * 3
@@ -82,21 +73,14 @@ class DistributedOptimizer:
 
     def accumulate_grads(self) -> None:
         """Mixed precision, after each micro-batch's backward: 16-bit grads → fp32 whole grads."""
+        whole, params = self._whole, self.model_params
+
+        def attach(i):
+            whole[i] = torch.empty(params[i].shape, dtype=torch.float32, device=params[i].device)
+            return whole[i]
+
         with torch.no_grad():
-            fresh, acc = ([], []), ([], [])
-            for i, p in enumerate(self.model_params):
-                if p.grad is None:
-                    continue
-                if self._whole[i] is None:
-                    self._whole[i] = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-                    fresh[0].append(self._whole[i]), fresh[1].append(p.grad)
-                else:
-                    acc[0].append(self._whole[i]), acc[1].append(p.grad)
-                p.grad = None
-            if fresh[0]:
-                torch._foreach_copy_(*fresh)
-            if acc[0]:
-                torch._foreach_add_(*acc)
+            fold_grads(params, whole.__getitem__, attach)
 
     def reduce_grads(self) -> None:
         """The whole grads' SP sum over TP, then their DP sum, each rank keeping its slices' (as the
