@@ -62,6 +62,13 @@ def test_the_best_evaluation_is_saved_kept_and_resumable(dataset, tmp_path):
         "metric": "lm_loss", "mode": "max", "value": pytest.approx(top["lm_loss"], abs=0), "step": top["step"]}
     assert f"best lm_loss {top['lm_loss']:.4f}: {ckpts / ('step_%d' % top['step'])}" in res.stdout
     assert re.search(rf"best lm_loss so far \({top['lm_loss']:.4f}\): .*step_{top['step']}", res.stdout)
+    import io
+
+    from megatron_bert.checkpoint.__main__ import inspect
+
+    out = io.StringIO()
+    inspect(ckpts / BEST_FILE, out)
+    assert f"best evaluation so far: lm_loss = {top['lm_loss']:.6g} at step {top['step']} (max)" in out.getvalue()
 
     # the pointer is a checkpoint path: resume from it
     again = tmp_path / "again"

@@ -99,6 +99,14 @@ def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tm
 
     assert {n for _, _, n in tensor_index(step3("zero_tp2_dp2")).values()} >= {2, 4}, "no DP × TP chunks"
     assert {n for _, _, n in tensor_index(step3("zero_bf16")).values()} >= {2}, "no DP chunks"
+    import io
+
+    from megatron_bert.checkpoint.__main__ import inspect
+
+    out = io.StringIO()
+    inspect(step3("zero_tp2_dp2"), out)
+    assert "optimizer state: fp32 masters and moments in DP slices (optim.distributed_optimizer, DP=2)" in out.getvalue()
+    assert "(4 shards)" in out.getvalue()
     sharded, plain = read_full_state(step3("zero_bf16")), read_full_state(step3("plain_bf16"))
     assert sharded.keys() == plain.keys() and all(torch.equal(t, plain[k]) for k, t in sharded.items())
     full, ref_full = read_full_state(step3("zero_tp2_dp2")), read_full_state(step3("ref_tp1"))

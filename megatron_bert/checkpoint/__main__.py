@@ -5,9 +5,10 @@
 
 PATH is a ``step_<N>`` directory or a checkpoint root (its ``latest`` is used).
 
-``inspect`` prints step, consumed samples, the TP/DP layout it was saved at, the model config and
-every tensor's name / global shape / dtype, from ``meta.json`` and the DCP metadata only (no
-tensor data is read).
+``inspect`` prints step, consumed samples, the TP/DP layout it was saved at, the best evaluation so far
+(checkpoint.best_metric), whether the optimizer state is in DP slices (optim.distributed_optimizer), the
+model config and every tensor's name / global shape / dtype, from ``meta.json`` and the DCP metadata only
+(no tensor data is read). PATH may also be a ``latest`` or ``best`` pointer file.
 
 ``consolidate`` writes one file with full (unsharded) tensors::
 
@@ -44,6 +45,11 @@ def inspect(path, out=None) -> None:
     p(f"saved with: TP={meta.get('saved_tp')} DP={meta.get('saved_dp')}")
     if meta.get("head"):
         p(f"head: {meta['head']}")
+    best = meta.get("best")
+    if best:
+        p(f"best evaluation so far: {best['metric']} = {best['value']:.6g} at step {best['step']} ({best['mode']})")
+    if ((meta.get("config") or {}).get("optim") or {}).get("distributed_optimizer") and (meta.get("saved_dp") or 1) > 1:
+        p(f"optimizer state: fp32 masters and moments in DP slices (optim.distributed_optimizer, DP={meta['saved_dp']})")
     model = meta.get("model") or {}
     p("model config:")
     for k, v in model.items():
