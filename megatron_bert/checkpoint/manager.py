@@ -112,10 +112,9 @@ def best_checkpoint(root) -> Path | None:
     return _pointed_at(pointer) if pointer.exists() else None
 
 
-
-
 def resolve_checkpoint(path) -> Path:
-    """A step directory, or a root holding ``latest`` → the step directory. Clear error otherwise."""
+    """A step directory, a root holding ``latest``, or a pointer file (``latest``, ``best``) → the step
+    directory. Clear error otherwise."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist: check checkpoint.resume / task.pretrained")

@@ -112,6 +112,7 @@ class PretrainTask:
             self.ps.barrier()
         self.tokenizer_path = str(Path(tokenizer).resolve())
         self.data_prefix = prefix if isinstance(prefix, list) else str(prefix)
+
         def source(ds, path):
             return f"a blend of {ds.describe()}" if isinstance(ds, BlendedDataset) else path
 

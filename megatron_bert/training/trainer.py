@@ -1,6 +1,7 @@
 """The training loop, shared by pretraining and fine-tuning (the task supplies data, model and loss).
 
-One step:  zero grads → task.forward_backward over the micro-batches → SP/DP grad all-reduce →
+One step:  zero grads → task.forward_backward over the micro-batches → SP/DP grad all-reduce (DP:
+reduce-scatter into this rank's slices with optim.distributed_optimizer, dist_optim.py) →
 (fp16: unscale) → TP-aware clip → finite? AdamW step : skip → LR schedule, logging, eval, checkpoint.
 The step's decisions (clip coefficient, skip) stay on the device, so with ``train.cuda_graph`` the
 whole step is captured once and replayed (cuda_graph.py); the host reads the step's statistics once.
@@ -350,8 +351,7 @@ class Trainer(CheckpointingMixin):
             self._enter("stop-flag all-reduce", self.step)
             reason = self._should_stop(start, max_time)
             if not reason and t.early_stop_patience and self.stale_evals >= t.early_stop_patience:
-                reason = (f"early stop: {self.best['metric']} has not improved on {self.best['value']:.4f} (step "
-                          f"{self.best['step']}) in {self.stale_evals} evaluations (train.early_stop_patience)")
+                reason = f"early stop: {self._no_improvement()} (train.early_stop_patience)"
             if reason:
                 self.stop_reason = reason
                 self.log(f"stopping at step {self.step}: {reason}")
@@ -372,6 +372,12 @@ class Trainer(CheckpointingMixin):
                  + (f" | best {self.best['metric']} {self.best['value']:.4f}: {best}" if best and self.best else ""))
         self.writer.close()
         return 0
+
+    def _no_improvement(self) -> str:
+        if self.best is None:  # every evaluation so far gave NaN
+            return f"{self.stale_evals} evaluations gave no finite {self.cfg.checkpoint.best_metric}"
+        return (f"{self.best['metric']} has not improved on {self.best['value']:.4f} (step {self.best['step']}) "
+                f"in {self.stale_evals} evaluations")
 
     def run_eval(self) -> dict | None:
         if self.cfg.train.eval_iters <= 0:
