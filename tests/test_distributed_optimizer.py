@@ -71,7 +71,7 @@ def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tm
     first = {
         "zero_tp2_dp2": (4, ov("zero_tp2_dp2", **{"parallel.tensor": 2, "parallel.sequence_parallel": True, **zero})),
         "ref_tp1": (1, ov("ref_tp1")),
-        "zero_bf16": (2, ov("zero_bf16", **bf16, **zero)),
+        "zero_bf16": (2, ov("zero_bf16", **bf16, **zero, **{"checkpoint.async_save": True})),  # staged slices
         "plain_bf16": (2, ov("plain_bf16", **bf16)),
     }
     res = finish({k: launch(o, nproc=n) for k, (n, o) in first.items()}, timeout=480)
@@ -86,11 +86,13 @@ def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tm
                                                    _losses(tmp_path / "zero_bf16", range(1, 7))), 1):
         assert l1 == l2 and abs(g1 - g2) <= 1e-6 * g1, (step, l1, l2, g1, g2)
     # the state is split over DP=2 (the 1-D TP-sharded biases stay whole on both: a little over half)
+    assert "saving checkpoint" in res["zero_bf16"][1] and "in the background" in res["zero_bf16"][1]
     mine, whole = _state_mib(res["zero_bf16"][1])
     assert 0.5 * whole <= mine <= 0.52 * whole, (mine, whole)
 
     # the sharded checkpoints hold DP (× TP) chunks of each matrix; read whole, they are the replicated
-    # optimizer's tensors: bit for bit in the bf16 pair, and close to TP=1's (AdamW moves elements
+    # optimizer's tensors: bit for bit in the bf16 pair (the sharded one written by the background saver
+    # from its CPU copy), and close to TP=1's (AdamW moves elements
     # whose grads are ~0 by ~lr whatever their size, so layouts that round differently differ there)
     from megatron_bert.checkpoint.sharded import read_full_state, tensor_index
 
