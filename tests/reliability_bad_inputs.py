@@ -39,6 +39,8 @@ CASES = [
     ("cfg-warmup-fraction-range", ["optim.warmup_fraction=2"], {}, "optim.warmup_fraction=2.0 must be in [0, 1]"),
     ("cfg-decay-fraction-range", ["optim.lr_schedule=wsd", "optim.decay_fraction=1.5"], {},
      "optim.decay_fraction=1.5 must be in [0, 1]"),
+    ("cfg-grad-reduce-param-without-zero", ["optim.grad_reduce_dtype=param"], {},
+     "optim.grad_reduce_dtype=param is a mode of the distributed optimizer"),
     ("cfg-decay-style-choice", ["optim.decay_style=exp"], {}, "optim.decay_style='exp' is not one of linear, cosine, 1-sqrt"),
     ("cfg-min-lr-above-lr", ["optim.min_lr=1"], {}, "optim.min_lr=1.0 must be in [0, train.lr]"),
     ("cfg-recompute-choice", ["parallel.recompute=some"], {}, "parallel.recompute='some' is not one of"),

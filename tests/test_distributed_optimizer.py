@@ -141,3 +141,20 @@ def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tm
         assert (a["grad_norm"] is None) == (b["grad_norm"] is None)
         if a["grad_norm"] is not None:
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * a["grad_norm"], (a, b)
+
+
+def test_grads_reduced_in_bf16_track_the_fp32_reduction(dataset, tmp_path):
+    """optim.grad_reduce_dtype=param (bf16 run, TP=1×DP=2, two micro-batches per rank: autograd accumulates them
+    in bf16, the reduce-scatter sums in bf16): the same run as the fp32 reduction within bf16 rounding, and
+    every grad norm within 1% (a grad summed wrongly, e.g. not over DP or a micro-batch lost, moves it far more)."""
+    common = {"train.precision": "bf16", "optim.distributed_optimizer": True, "train.micro_batch_size": 2}
+    runs = {name: launch(base_overrides(dataset, tmp_path / name, **common, **{"optim.grad_reduce_dtype": dtype}),
+                         nproc=2) for name, dtype in (("fp32", "fp32"), ("param", "param"))}
+    res = finish(runs, timeout=300)
+    for k in runs:
+        assert res[k][0] == 0, f"{k}: {describe(res[k])}"
+    assert "grads reduced in bfloat16" in res["param"][1] and "grads reduced in float32" in res["fp32"][1]
+    a, b = _losses(tmp_path / "fp32", range(1, 7)), _losses(tmp_path / "param", range(1, 7))
+    for step, ((l1, g1), (l2, g2)) in enumerate(zip(a, b), 1):
+        assert abs(l1 - l2) <= 2e-3 * l1 and abs(g1 - g2) <= 1e-2 * g1, (step, l1, l2, g1, g2)
+    assert a != b, "the 16-bit sums should round differently somewhere"

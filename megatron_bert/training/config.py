@@ -99,6 +99,7 @@ class OptimSchema:
     decay_fraction: float = 0.1
     decay_style: str = "linear"
     distributed_optimizer: bool = False
+    grad_reduce_dtype: str = "fp32"
 
 
 @dataclass
@@ -233,6 +234,7 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "optim.lr_schedule": ("linear", "cosine", "constant", "wsd", "inverse_sqrt"),
     "optim.decay_style": ("linear", "cosine", "1-sqrt"),
+    "optim.grad_reduce_dtype": ("fp32", "param"),
     "checkpoint.best_mode": ("auto", "max", "min"),
     "data.binary_head": ("sop", "nsp", "none"),
     "task.mode": ("train", "evaluate", "predict"),
@@ -315,6 +317,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if tr.eval_iters <= 0:
             raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric} needs evaluations, but "
                               f"train.eval_iters={tr.eval_iters} turns them off: set train.eval_iters >= 1")
+    if cfg.optim.grad_reduce_dtype == "param" and not cfg.optim.distributed_optimizer:
+        raise ConfigError("optim.grad_reduce_dtype=param is a mode of the distributed optimizer: add "
+                          "optim.distributed_optimizer=true (or keep optim.grad_reduce_dtype=fp32)")
     if tr.early_stop_patience < 0:
         raise ConfigError(f"train.early_stop_patience={tr.early_stop_patience} must be >= 0 (0 = off)")
     if tr.early_stop_patience and cfg.checkpoint.best_metric is None:

@@ -27,14 +27,20 @@ class DistributedOptimizer(WrapsOptimizer):
     """Drop-in for the trainer's optimizer (torch AdamW or :class:`~.optim.MasterWeightsOptimizer`)
     when ``optim.distributed_optimizer`` is on and DP > 1. ``mixed``: the model is in bf16/fp16 and its
     grads are accumulated into fp32 whole-grad buffers here; otherwise ``p.grad`` (fp32) is used as is.
+    ``reduce_16bit`` (``optim.grad_reduce_dtype=param``, mixed only): no fp32 whole grads at all; autograd
+    accumulates the micro-batches into the 16-bit ``p.grad`` and the reduce-scatter sums in 16 bits (half
+    the traffic; the sums are rounded to 16 bits), the slices then go to fp32 for the step. In memory that
+    is the fp32 whole grads gone but the 16-bit ones kept across micro-batches: 2 bytes per parameter less
+    while a second micro-batch runs (BENCHMARKS.md, session 20).
 
     ``masters`` (the optimizer's params, one per model param) carry ``dp_shard_dim`` (None: the whole
     tensor, DP-replicated) and the TP metadata of their param, so norms and checkpoints know them."""
 
     deferred = None  # the trainer's deferred 16-bit grad path does not apply (DP > 1)
 
-    def __init__(self, model: torch.nn.Module, make_optimizer, ps: ParallelState, mixed: bool):
-        self.ps, self.mixed = ps, mixed
+    def __init__(self, model: torch.nn.Module, make_optimizer, ps: ParallelState, mixed: bool,
+                 reduce_16bit: bool = False):
+        self.ps, self.mixed, self.reduce_16bit = ps, mixed, reduce_16bit and mixed
         # the order of param_groups(): decay then no-decay, the same on every rank
         self.model_params = [p for g in param_groups(model, 0.0) for p in g["params"]]
         dtypes = {p.dtype for p in self.model_params}
@@ -72,7 +78,10 @@ class DistributedOptimizer(WrapsOptimizer):
         self._whole = [None] * len(self.model_params)
 
     def accumulate_grads(self) -> None:
-        """Mixed precision, after each micro-batch's backward: 16-bit grads → fp32 whole grads."""
+        """Mixed precision, after each micro-batch's backward: 16-bit grads → fp32 whole grads (with
+        ``reduce_16bit`` they stay where they are: the next backward adds into them)."""
+        if self.reduce_16bit:
+            return
         whole, params = self._whole, self.model_params
 
         def attach(i):
@@ -87,12 +96,15 @@ class DistributedOptimizer(WrapsOptimizer):
         masters' ``.grad``). A param no micro-batch reached counts as a zero grad, so every rank
         enters the same collectives."""
         with torch.no_grad():
-            whole = self._whole if self.mixed else [p.grad for p in self.model_params]
-            whole = [g if g is not None else torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            in_place = not self.mixed or self.reduce_16bit  # autograd's own p.grad (fp32, or 16-bit)
+            whole = [p.grad for p in self.model_params] if in_place else self._whole
+            dtype = self.model_params[0].dtype if in_place else torch.float32
+            whole = [g if g is not None else torch.zeros(p.shape, dtype=dtype, device=p.device)
                      for g, p in zip(whole, self.model_params)]
-            allreduce_sequence_parallel_grads(self.model_params, self.ps, grads=whole)
+            allreduce_sequence_parallel_grads(self.model_params, self.ps, grads=whole)  # (summed in fp32)
             for m, g in zip(self.masters, self.plan.reduce_scatter(whole)):
-                m.grad = g  # a view of its bucket's reduce-scatter output (or the summed whole grad)
+                # a view of its bucket's reduce-scatter output (or the summed whole grad); fp32 for AdamW
+                m.grad = g if g.dtype == torch.float32 else g.float()
         self._whole = [None] * len(self.model_params)
         for p in self.model_params:
             p.grad = None  # the whole grads are no longer needed: free them before the step

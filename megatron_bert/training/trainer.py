@@ -110,11 +110,14 @@ class Trainer(CheckpointingMixin):
         if self.sharded_optimizer:
             from .dist_optim import DistributedOptimizer
 
-            self.optimizer = DistributedOptimizer(self.model, make_optimizer, ps, self.mixed)
+            self.optimizer = DistributedOptimizer(self.model, make_optimizer, ps, self.mixed,
+                                                  reduce_16bit=o.grad_reduce_dtype == "param")
             self.opt_params = self.optimizer.masters
             mine, whole = self.optimizer.state_bytes()
+            reduced = self.optimizer.model_params[0].dtype if self.optimizer.reduce_16bit else torch.float32
             self.log(f"distributed optimizer: fp32 masters + AdamW moments {mine / 2**20:.1f} MiB per rank "
-                     f"({whole / 2**20:.1f} MiB unsharded, DP={ps.dp_size})")
+                     f"({whole / 2**20:.1f} MiB unsharded, DP={ps.dp_size}); grads reduced in "
+                     f"{str(reduced).removeprefix('torch.')}")
         elif self.mixed:
             self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer, flat=use_flat_adamw(ps.device, graphed))
             self.opt_params = self.optimizer.masters
