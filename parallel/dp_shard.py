@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .grads import _allreduce_coalesced
 from .state import ParallelState
 
 _functional = torch.ops._c10d_functional
@@ -81,14 +82,15 @@ class DPShardPlan:
         start, length = self.ranges[i][self.ps.dp_rank if rank is None else rank]
         return t.narrow(d, start, length)
 
-    def _segments(self, bucket: list[int]) -> tuple[list[list[tuple[int, int]]], int]:
-        """Per rank, (offset, numel) of each param's slice in that rank's segment; the segment length."""
+    def _segments(self, bucket: list[int]) -> tuple[list[list[tuple[int, int, tuple]]], int]:
+        """Per rank, (offset, numel, shape) of each param's slice in that rank's segment; the segment length."""
         layout, longest = [], 0
         for k in range(self.dp):
             offset, rows = 0, []
             for i in bucket:
-                n = math.prod(self.slice_shape(i, k))
-                rows.append((offset, n))
+                shape = self.slice_shape(i, k)
+                n = math.prod(shape)
+                rows.append((offset, n, shape))
                 offset += n
             layout.append(rows)
             longest = max(longest, offset)
@@ -110,9 +112,9 @@ class DPShardPlan:
             dst, src = [], []
             for k in range(self.dp):
                 base = k * longest
-                for i, (offset, n) in zip(bucket, layout[k]):
+                for i, (offset, n, shape) in zip(bucket, layout[k]):
                     if n:
-                        dst.append(send[base + offset:base + offset + n].view(self.slice_shape(i, k)))
+                        dst.append(send[base + offset:base + offset + n].view(shape))
                         src.append(self.slice_of(grads[i], i, k))
             torch._foreach_copy_(dst, src)
             if self.dp > 1:
@@ -121,11 +123,9 @@ class DPShardPlan:
             else:
                 mine = send[:longest]
             del send, dst, src
-            for i, (o, n) in zip(bucket, layout[self.ps.dp_rank]):
-                out[i] = mine[o:o + n].view(self.slice_shape(i))
+            for i, (o, n, shape) in zip(bucket, layout[self.ps.dp_rank]):
+                out[i] = mine[o:o + n].view(shape)
         if self.replicated:
-            from .grads import _allreduce_coalesced
-
             rest = [grads[i] for i in self.replicated]
             if self.dp > 1:
                 _allreduce_coalesced(rest, group)
@@ -141,8 +141,8 @@ class DPShardPlan:
             for bucket, (layout, longest) in zip(self.buckets, self.layouts):
                 dtype, device = params[bucket[0]].dtype, params[bucket[0]].device
                 send = torch.empty(longest, dtype=dtype, device=device)
-                mine = [(send[o:o + n].view(self.slice_shape(i)), slices[i])
-                        for i, (o, n) in zip(bucket, layout[self.ps.dp_rank]) if n]
+                mine = [(send[o:o + n].view(shape), slices[i])
+                        for i, (o, n, shape) in zip(bucket, layout[self.ps.dp_rank]) if n]
                 if mine:
                     torch._foreach_copy_([m[0] for m in mine], [m[1] for m in mine])
                 if self.dp > 1:
@@ -153,10 +153,10 @@ class DPShardPlan:
                 dst, src = [], []
                 for k in range(self.dp):
                     base = k * longest
-                    for i, (offset, n) in zip(bucket, layout[k]):
+                    for i, (offset, n, shape) in zip(bucket, layout[k]):
                         if n:
                             dst.append(self.slice_of(params[i], i, k))
-                            src.append(gathered[base + offset:base + offset + n].view(self.slice_shape(i, k)))
+                            src.append(gathered[base + offset:base + offset + n].view(shape))
                 torch._foreach_copy_(dst, src)
             rest = [(params[i], slices[i]) for i in self.replicated]
             if rest:

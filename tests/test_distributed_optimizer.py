@@ -1,7 +1,6 @@
 """optim.distributed_optimizer (ZeRO-1): the DP slices (parallel/dp_shard.py), their collectives on real gloo
 ranks against all-reduce, and trainer runs that agree with unsharded ones and resume across layouts."""
 import re
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from dist_harness import run_distributed
 from dp_shard_checks import SHAPES, _params, reduce_scatter_gather_and_norm
 from parallel import ParallelState
 from parallel.dp_shard import DPShardPlan, chunk_range, shard_dim
-from train_fixtures import base_overrides, build_dataset, metrics
+from train_fixtures import base_overrides, build_dataset, metrics, resume_dir
 
 
 @pytest.mark.parametrize("dp", [1, 2, 3, 4, 5])
@@ -118,8 +117,7 @@ def test_sharded_runs_match_unsharded_ones_and_resume_across_layouts(dataset, tm
 
     # resume: sharded (TP=2×DP=2) → unsharded TP=1; unsharded TP=1 → sharded TP=1×DP=2 (another cut)
     for src, dst in (("zero_tp2_dp2", "from_zero"), ("ref_tp1", "to_zero")):
-        shutil.copytree(tmp_path / src / "checkpoints" / "step_3", tmp_path / dst / "checkpoints" / "step_3")
-        (tmp_path / dst / "checkpoints" / "latest").write_text("step_3")
+        resume_dir(tmp_path / src / "checkpoints", tmp_path / dst, step=3)
     # (beside them, fp16: loss scaling unscales the slices' grads; the losses are again the replicated ones)
     fp16 = {"train.precision": "fp16", "optim.clip_grad": 0.0}
     second = {"from_zero": (1, ov("from_zero")), "to_zero": (2, ov("to_zero", **zero)),

@@ -7,7 +7,8 @@ epilogue (in a compiled layer), the residual epilogue + LayerNorm kernels and th
 them (its last layer pruned too), pruned-last-layer steps against full ones, compiled graphed steps
 against eager ones (bf16 grads read in place), a TP rank's graphed step (fake process group), a
 compiled run restarted on a warm Inductor cache, and the word embeddings' Triton backward. The flat
-AdamW's GPU tests are in test_gpu_flat_adamw.py."""
+AdamW's GPU tests are in test_gpu_flat_adamw.py, the distributed optimizer's in
+test_gpu_distributed_optimizer.py."""
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from train_fixtures import REPO, env
+from train_fixtures import REPO, env, resume_dir
 
 pytestmark = pytest.mark.gpu
 
@@ -32,16 +33,6 @@ def _bench_env(**extra) -> dict:
     e = {**env(), **extra}
     e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), e.get("PYTHONPATH")]))
     return e
-
-
-def _resume_dir(checkpoints, run_dir, step: int = 6):
-    """``run_dir`` holding only ``checkpoints``' step ``step`` as its latest: a run there resumes from it."""
-    import shutil
-
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(checkpoints / f"step_{step}", run_dir / "checkpoints" / f"step_{step}")
-    (run_dir / "checkpoints" / "latest").write_text(f"step_{step}")
-    return run_dir
 
 
 def _tp_check(tp: int, shared_gpu: bool) -> None:
@@ -260,7 +251,7 @@ def test_cuda_graph_run_saves_in_the_background_and_resumes(tmp_path):
     assert "train.cuda_graph: captured the training step" in res.stdout + res.stderr
     ckpts = ref_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip().endswith("step_12") and (ckpts / "step_6").is_dir()
-    resumed_dir = _resume_dir(ckpts, tmp_path / "resumed")
+    resumed_dir = resume_dir(ckpts, tmp_path / "resumed")
     res = train(base_overrides(data, resumed_dir, **common))
     assert res.returncode == 0, res.stderr[-3000:]
     ref = {r["step"]: r["loss"] for r in metrics(ref_dir)}
@@ -297,45 +288,13 @@ def test_a_tp2_gpu_run_resumes_from_its_checkpoint_at_tp2_and_at_tp1(tmp_path):
     ref = {r["step"]: r["loss"] for r in metrics(ref_dir)}
     assert sorted(ref) == list(range(1, 13)) and ref[12] < ref[1]
     for tp2_run, tol in ((True, 2e-3), (False, 5e-3)):
-        resumed_dir = _resume_dir(ref_dir / "checkpoints", tmp_path / f"resumed_tp{2 if tp2_run else 1}")
+        resumed_dir = resume_dir(ref_dir / "checkpoints", tmp_path / f"resumed_tp{2 if tp2_run else 1}")
         res = run(resumed_dir, tp2_run)
         assert res.returncode == 0, res.stderr[-3000:]
         again = {r["step"]: r["loss"] for r in metrics(resumed_dir)}
         assert sorted(again) == list(range(7, 13))
         for step in again:
             assert abs(again[step] - ref[step]) <= tol * abs(ref[step]), (tp2_run, step, again[step], ref[step])
-
-
-@needs_cuda
-def test_the_distributed_optimizer_on_the_gpu_matches_the_replicated_one_and_resumes_unsharded(tmp_path):
-    """DP=2 (ranks sharing the GPU over gloo), bf16, torch's fused AdamW on the masters' DP slices:
-    the same losses as the replicated optimizer; its step-6 checkpoint (DP-sliced masters and
-    moments) resumed by a one-GPU unsharded run continues them."""
-    from train_fixtures import base_overrides, build_dataset, metrics, train
-
-    data = build_dataset(tmp_path / "data")
-    common = {"train.device": "cuda", "train.precision": "bf16", "train.max_steps": 12, "model.hidden_size": 128,
-              "train.micro_batch_size": 8, "train.global_batch_size": 16, "checkpoint.save_interval": 6,
-              "parallel.dropout_impl": "keyed"}
-    shared = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-              "tests/shared_gpu_train.py"]
-    losses = {}
-    for name, extra in (("plain", {}), ("zero", {"optim.distributed_optimizer": True})):
-        ov = base_overrides(data, tmp_path / name, **common, **extra)
-        res = subprocess.run(shared + ov, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert ("distributed optimizer: fp32 masters" in res.stdout) == (name == "zero"), res.stdout[-2000:]
-        losses[name] = {r["step"]: r["loss"] for r in metrics(tmp_path / name)}
-    assert sorted(losses["zero"]) == list(range(1, 13)) and losses["zero"][12] < losses["zero"][1]
-    for step, ref in losses["plain"].items():
-        assert abs(losses["zero"][step] - ref) <= 2e-3 * abs(ref), (step, losses["zero"][step], ref)
-    resumed = _resume_dir(tmp_path / "zero" / "checkpoints", tmp_path / "resumed")
-    res = train(base_overrides(data, resumed, **common))
-    assert res.returncode == 0, res.stderr[-3000:]
-    again = {r["step"]: r["loss"] for r in metrics(resumed)}
-    assert sorted(again) == list(range(7, 13))
-    for step, loss in again.items():
-        assert abs(loss - losses["zero"][step]) <= 5e-3 * abs(losses["zero"][step]), (step, loss)
 
 
 @needs_cuda

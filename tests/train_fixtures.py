@@ -82,3 +82,13 @@ def train(overrides: list[str], nproc: int = 1, timeout: float = 240, extra_torc
 def metrics(run_dir: Path, split: str = "train") -> list[dict]:
     rows = [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r.get("split", "train") == split]
+
+
+def resume_dir(checkpoints: Path, run_dir: Path, step: int = 6) -> Path:
+    """``run_dir`` holding only ``checkpoints``' step ``step`` as its latest: a run there resumes from it."""
+    import shutil
+
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoints / f"step_{step}", run_dir / "checkpoints" / f"step_{step}")
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{step}")
+    return run_dir

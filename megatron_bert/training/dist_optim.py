@@ -20,7 +20,7 @@ import torch
 from parallel import ParallelState, allreduce_sequence_parallel_grads
 from parallel.dp_shard import DPShardPlan
 
-from .optim import _PARAM_ATTRS, WrapsOptimizer, fold_grads, param_groups
+from .optim import WrapsOptimizer, copy_param_attrs, fold_grads, param_groups
 
 
 class DistributedOptimizer(WrapsOptimizer):
@@ -33,8 +33,9 @@ class DistributedOptimizer(WrapsOptimizer):
     is the fp32 whole grads gone but the 16-bit ones kept across micro-batches: 2 bytes per parameter less
     while a second micro-batch runs (BENCHMARKS.md, session 20).
 
-    ``masters`` (the optimizer's params, one per model param) carry ``dp_shard_dim`` (None: the whole
-    tensor, DP-replicated) and the TP metadata of their param, so norms and checkpoints know them."""
+    ``masters`` (the optimizer's params, one per model param) carry the TP metadata of their param;
+    ``dp_shard_dims`` (param → the dim its slices are cut along, None: whole) tells the checkpoint,
+    ``dp_sharded`` (per master: a slice or not) the grad norm, both read off ``plan``."""
 
     deferred = None  # the trainer's deferred 16-bit grad path does not apply (DP > 1)
 
@@ -47,19 +48,13 @@ class DistributedOptimizer(WrapsOptimizer):
         if len(dtypes) != 1:
             raise ValueError(f"the distributed optimizer needs one parameter dtype, got {sorted(map(str, dtypes))}")
         self.plan = DPShardPlan(self.model_params, ps)
-        self.masters: list[torch.nn.Parameter] = []
-        self.master_of: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
-        self.dp_shard_dims: dict[torch.nn.Parameter, int | None] = {}
         with torch.no_grad():
-            for i, p in enumerate(self.model_params):
-                m = torch.nn.Parameter(self.plan.slice_of(p.detach(), i).float().clone())
-                for attr in _PARAM_ATTRS:
-                    if hasattr(p, attr):
-                        setattr(m, attr, getattr(p, attr))
-                m.dp_shard_dim = self.plan.dims[i]
-                self.masters.append(m)
-                self.master_of[p] = m
-                self.dp_shard_dims[p] = self.plan.dims[i]
+            self.masters = [torch.nn.Parameter(self.plan.slice_of(p.detach(), i).float().clone())
+                            for i, p in enumerate(self.model_params)]
+        for p, m in zip(self.model_params, self.masters):
+            copy_param_attrs(p, m)
+        self.master_of = dict(zip(self.model_params, self.masters))
+        self.dp_shard_dims = dict(zip(self.model_params, self.plan.dims))
         self.dp_sharded = [d is not None for d in self.plan.dims]
         self.optimizer = make_optimizer(model, self.master_of)
         self._whole: list[torch.Tensor | None] = [None] * len(self.model_params)  # mixed: fp32 whole grads

@@ -166,6 +166,13 @@ class LossScaler:
 _PARAM_ATTRS = ("tensor_parallel", "partition_dim", "partition_stride", "sequence_parallel")
 
 
+def copy_param_attrs(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """A master (copy or slice) carries its param's TP / SP metadata: norms and checkpoints read it there."""
+    for attr in _PARAM_ATTRS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
 def fold_grads(params: list[torch.nn.Parameter], current, attach) -> None:
     """Each param's (16-bit) grad into its fp32 accumulator, then freed: ``current(i)`` is param i's
     accumulator or None before this step's first micro-batch; then ``attach(i)`` makes (and records) a
@@ -236,9 +243,7 @@ class MasterWeightsOptimizer(WrapsOptimizer):
                     self.model_params.append(p)
                     self.masters.append(torch.nn.Parameter(p.detach().float().clone()))
         for p, m in zip(self.model_params, self.masters):
-            for attr in _PARAM_ATTRS:
-                if hasattr(p, attr):
-                    setattr(m, attr, getattr(p, attr))
+            copy_param_attrs(p, m)
             self.master_of[p] = m
         self.optimizer = make_optimizer(model, self.master_of)
         if flat:
