@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .indexed import IndexedDataset
-from .masking import IGNORE_INDEX, mask_tokens, random_token_pool
+from .masking import IGNORE_INDEX, mask_tokens, ngram_length_table, random_token_pool
 
 SPLITS = {"train": 0, "valid": 1}
 MAPPING_VERSION = 1
@@ -155,7 +155,8 @@ class BertPretrainingDataset:
     sample_id. `len(ds)` is one epoch; any i >= 0 is valid."""
 
     def __init__(self, data, tokenizer, mapping, seq_length, seed, split="train", binary_head="sop",
-                 masked_lm_prob=0.15, whole_word_masking=False, max_predictions=None, stream=0):
+                 masked_lm_prob=0.15, whole_word_masking=False, max_predictions=None, stream=0,
+                 max_ngrams=1, ngram_distribution="harmonic"):
         self.data = data if isinstance(data, IndexedDataset) else IndexedDataset(data)
         self.mapping = np.asarray(mapping)
         self.seq_length = int(seq_length)
@@ -176,6 +177,8 @@ class BertPretrainingDataset:
         self.special_ids = np.array(sorted({t.cls_id, t.sep_id, t.mask_id, t.pad_id}), dtype=np.int64)
         self.random_pool = random_token_pool(t.vocab_size, [t.cls_id, t.sep_id, t.mask_id, t.pad_id, t.unk_id])
         self.word_start_mask = np.asarray(t.word_start_mask, dtype=bool) if whole_word_masking else None
+        cdf = ngram_length_table(max_ngrams, ngram_distribution)  # (checks both)
+        self.ngram_cdf = cdf if len(cdf) > 1 else None
         self.split_docs = np.unique(self.mapping[:, 0]) if len(self.mapping) else np.zeros(0, np.int64)
         self._perm = (None, None)
 
@@ -262,7 +265,7 @@ class BertPretrainingDataset:
         eligible = ~np.isin(tokens, self.special_ids)
         word_start = self.word_start_mask[tokens] if self.word_start_mask is not None else None
         ids, labels = mask_tokens(tokens, eligible, rng, self.mask_id, self.random_pool, self.masked_lm_prob,
-                                  self.max_predictions, word_start)
+                                  self.max_predictions, word_start, self.ngram_cdf)
         input_ids = np.full(s, self.pad_id, dtype=np.int64)
         input_ids[:n] = ids
         full_labels = np.full(s, IGNORE_INDEX, dtype=np.int64)
@@ -276,7 +279,8 @@ class BertPretrainingDataset:
 
 def build_pretraining_datasets(prefix, tokenizer, seq_length, seed, valid_fraction=0.02, binary_head="sop",
                                masked_lm_prob=0.15, whole_word_masking=False, short_seq_prob=0.1,
-                               cache_dir=None, max_predictions=None, stream=0):
+                               cache_dir=None, max_predictions=None, stream=0, max_ngrams=1,
+                               ngram_distribution="harmonic"):
     """(train_ds, valid_ds) over the indexed dataset at `prefix`, split by documents. ``stream``: the
     member's number in a blend (its own random draws)."""
     from .tokenizers import load_tokenizer
@@ -294,6 +298,7 @@ def build_pretraining_datasets(prefix, tokenizer, seq_length, seed, valid_fracti
         need = "two or more sentences" if _norm_binary_head(binary_head) else "one sentence"
         raise ValueError(f"{prefix}: no training samples (documents need {need}); add more text")
     common = dict(seq_length=seq_length, seed=seed, binary_head=binary_head, masked_lm_prob=masked_lm_prob,
-                  whole_word_masking=whole_word_masking, max_predictions=max_predictions, stream=stream)
+                  whole_word_masking=whole_word_masking, max_predictions=max_predictions, stream=stream,
+                  max_ngrams=max_ngrams, ngram_distribution=ngram_distribution)
     return (BertPretrainingDataset(data, tokenizer, maps["train"], split="train", **common),
             BertPretrainingDataset(data, tokenizer, maps["valid"], split="valid", **common))

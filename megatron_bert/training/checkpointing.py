@@ -27,7 +27,8 @@ ARCH_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_siz
 
 # Keys that decide which sample the global index i is (data/dataset.py, data/blend.py).
 SAMPLE_STREAM_KEYS = ("data.prefix", "data.valid_prefix", "data.seq_length", "data.binary_head", "data.masked_lm_prob",
-                      "data.whole_word_masking", "data.short_seq_prob", "data.valid_fraction", "train.seed")
+                      "data.whole_word_masking", "data.max_ngrams", "data.ngram_distribution", "data.short_seq_prob",
+                      "data.valid_fraction", "train.seed")
 
 
 def sample_stream_changes(saved: dict, now: dict) -> list[str]:

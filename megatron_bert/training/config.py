@@ -56,6 +56,8 @@ class DataSchema:
     binary_head: str = "sop"
     masked_lm_prob: float = 0.15
     whole_word_masking: bool = False
+    max_ngrams: int = 1  # n-gram (span) masking: spans of up to this many words/tokens
+    ngram_distribution: str = "harmonic"  # span lengths: harmonic (Megatron-LM) | geometric (SpanBERT)
     short_seq_prob: float = 0.1
     num_workers: int = 0
 
@@ -237,6 +239,7 @@ _CHOICES = {
     "optim.grad_reduce_dtype": ("fp32", "param"),
     "checkpoint.best_mode": ("auto", "max", "min"),
     "data.binary_head": ("sop", "nsp", "none"),
+    "data.ngram_distribution": ("harmonic", "geometric"),
     "task.mode": ("train", "evaluate", "predict"),
     "checkpoint.on_error": ("exit", "retry"),
 }
@@ -290,6 +293,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                 raise ConfigError(str(e)) from None
     if not 0 < cfg.data.masked_lm_prob <= 1:
         raise ConfigError(f"data.masked_lm_prob={cfg.data.masked_lm_prob} must be in (0, 1]")
+    if cfg.data.max_ngrams < 1:
+        raise ConfigError(f"data.max_ngrams={cfg.data.max_ngrams} must be >= 1 (1 masks single words/tokens; "
+                          "Megatron-LM uses 3, SpanBERT 10 with data.ngram_distribution=geometric)")
     if cfg.optim.min_lr < 0 or cfg.optim.min_lr > tr.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} must be in [0, train.lr]")
     if not 0 <= cfg.optim.warmup_fraction <= 1:

@@ -99,6 +99,7 @@ class PretrainTask:
                 self.tokenizer = load_tokenizer(tokenizer)
                 options = dict(binary_head=None if d.binary_head == "none" else d.binary_head,
                                masked_lm_prob=d.masked_lm_prob, whole_word_masking=d.whole_word_masking,
+                               max_ngrams=d.max_ngrams, ngram_distribution=d.ngram_distribution,
                                short_seq_prob=d.short_seq_prob, cache_dir=d.cache_dir)
                 # with a separate validation corpus every document of data.prefix trains
                 split = 0.0 if valid_prefix is not None else d.valid_fraction
