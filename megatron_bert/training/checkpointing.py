@@ -31,6 +31,46 @@ SAMPLE_STREAM_KEYS = ("data.prefix", "data.valid_prefix", "data.seq_length", "da
                       "data.valid_fraction", "train.seed")
 
 
+# Keys of the model config taken from the checkpoint the weights come from when fine-tuning or
+# evaluating (vocab_size is checked against the tokenizer instead, dropout stays the run's choice).
+ARCH_FROM_CHECKPOINT = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                        "max_position_embeddings", "type_vocab_size", "layernorm_epsilon", "activation")
+
+
+def weights_source(cfg) -> tuple[Path | None, str | None, dict]:
+    """(checkpoint dir, "resume" | "pretrained", meta) of the weights the trainer will load —
+    the same rule as ``CheckpointingMixin._resume_or_init`` — or (None, None, {})."""
+    c, t = cfg.checkpoint, cfg.task
+    path, kind = None, None
+    if c.resume == "auto":
+        path = latest_checkpoint(c.dir) if c.dir else None
+    elif c.resume != "none":
+        path = c.resume
+    if path is not None:
+        kind = "resume"
+    elif t.pretrained:
+        path, kind = t.pretrained, "pretrained"
+    if path is None:
+        return None, None, {}
+    ckpt = resolve_checkpoint(path)
+    return ckpt, kind, read_meta(ckpt)
+
+
+def adopt_architecture(model_cfg, meta: dict, source, log) -> None:
+    """Set the ARCH_FROM_CHECKPOINT fields of ``model_cfg`` to the checkpoint's, saying which changed."""
+    saved = meta.get("model") or {}
+    changed = []
+    for k in ARCH_FROM_CHECKPOINT:
+        if saved.get(k) is None:
+            continue
+        mine = model_cfg[k] if not (k == "ffn_hidden_size" and model_cfg[k] is None) else 4 * model_cfg.hidden_size
+        if mine != saved[k]:
+            model_cfg[k] = saved[k]
+            changed.append(f"{k}={saved[k]}")
+    if changed:
+        log(f"model: architecture from checkpoint {source}: {', '.join(changed)}")
+
+
 def sample_stream_changes(saved: dict, now: dict) -> list[str]:
     """``key: old → new`` for the sample-stream keys a resumed run changed (saved config vs this one);
     keys the checkpoint does not record are not compared."""

@@ -27,18 +27,13 @@ import torch.nn.functional as F
 
 from parallel import ParallelState
 
-from ..checkpoint import CheckpointError, latest_checkpoint, read_meta, resolve_checkpoint
+from ..checkpoint import CheckpointError
 from ..model import HEADS
+from .checkpointing import adopt_architecture, weights_source
 from .config import ConfigError
 from .finetune_data import FinetuneLoader
 from .finetune_eval import FinetuneEvaluation
 from .pretrain import _dp_sum, _dp_sum_
-
-# Keys of the model config taken from the checkpoint the weights come from (vocab_size is checked
-# against the tokenizer instead, dropout stays a fine-tuning choice).
-ARCH_FROM_CHECKPOINT = ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
-                        "max_position_embeddings", "type_vocab_size", "layernorm_epsilon", "activation")
-
 
 class FinetuneTask(FinetuneEvaluation):
     head: str | None = None
@@ -63,11 +58,11 @@ class FinetuneTask(FinetuneEvaluation):
         if self.mode != "train" and t.pretrained:
             # An explicitly named fine-tuned checkpoint wins over whatever the run dir holds.
             self.cfg.checkpoint.resume = "none"
-        self.source, self.source_kind, self.source_meta = self._weights_source()
+        self.source, self.source_kind, self.source_meta = weights_source(self.cfg)
         if self.mode != "train" and self.source is None:
             raise ConfigError(f"task.mode={self.mode} needs fine-tuned weights: give task.pretrained=CHECKPOINT "
                               "(the checkpoints/ folder of a fine-tuning run) or checkpoint.resume=PATH")
-        self._adopt_architecture()
+        adopt_architecture(self.cfg.model, self.source_meta, self.source, self.log)
 
         tok_path = self._tokenizer_path()
         self.tokenizer = load_tokenizer(tok_path)
@@ -89,37 +84,6 @@ class FinetuneTask(FinetuneEvaluation):
         if self.mode == "train":
             self._set_steps()
         return self.tokenizer.vocab_size
-
-    def _weights_source(self):
-        """(checkpoint dir, "resume" | "pretrained", meta) of the weights the trainer will load —
-        the same rule as Trainer._resume_or_init — or (None, None, {})."""
-        c, t = self.cfg.checkpoint, self.cfg.task
-        path, kind = None, None
-        if c.resume == "auto":
-            path = latest_checkpoint(c.dir) if c.dir else None
-        elif c.resume != "none":
-            path = c.resume
-        if path is not None:
-            kind = "resume"
-        elif t.pretrained:
-            path, kind = t.pretrained, "pretrained"
-        if path is None:
-            return None, None, {}
-        ckpt = resolve_checkpoint(path)
-        return ckpt, kind, read_meta(ckpt)
-
-    def _adopt_architecture(self) -> None:
-        saved = self.source_meta.get("model") or {}
-        m, changed = self.cfg.model, []
-        for k in ARCH_FROM_CHECKPOINT:
-            if saved.get(k) is None:
-                continue
-            mine = m[k] if not (k == "ffn_hidden_size" and m[k] is None) else 4 * m.hidden_size
-            if mine != saved[k]:
-                m[k] = saved[k]
-                changed.append(f"{k}={saved[k]}")
-        if changed:
-            self.log(f"model: architecture from checkpoint {self.source}: {', '.join(changed)}")
 
     def _tokenizer_path(self) -> str:
         path = self.cfg.data.tokenizer or self.source_meta.get("tokenizer")

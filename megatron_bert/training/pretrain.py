@@ -3,6 +3,9 @@
 The loss of a step is normalised over the *global* batch (masked tokens summed over every
 micro-batch and DP rank), so any split of the batch over micro-batches and DP ranks computes the
 same gradient — the reason a TP=2×DP=2 run tracks a TP=1 run to 1e-5.
+
+``task.mode=evaluate`` (``run_mode``): score a checkpoint's weights (architecture and tokenizer from the
+checkpoint) on the validation data with the protocol of the evaluations during training, no training.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ from omegaconf import ListConfig, OmegaConf
 
 from parallel import ParallelState
 
+from ..checkpoint import CheckpointError
 from ..model import MegatronBertForPreTraining, gather_lm_logits
 from ..model.heads import target_positions_of
+from .config import ConfigError
 
 
 def _dp_sum(values: list[float], ps: ParallelState, device) -> list[float]:
@@ -72,12 +77,20 @@ class PretrainTask:
     def __init__(self, cfg, ps: ParallelState, log):
         self.cfg, self.ps, self.log = cfg, ps, log
         self.use_binary = cfg.data.binary_head != "none"
+        self.mode = cfg.task.mode
+        self.source, self.source_meta = None, {}
 
     # ------------------------------------------------------------------ data
     def setup(self):
         """Tokenizer + datasets. Rank 0 builds caches first; the others then just load them."""
         from ..data import load_tokenizer, prepare_quickstart
         from ..data.blend import BlendedDataset, build_blended_pretraining_datasets, parse_blend
+
+        if self.mode == "predict":
+            raise ConfigError("task.mode=predict is for fine-tuning tasks (task=glue|ner|squad|race); pretraining "
+                              "has task.mode=evaluate (masked-LM and SOP/NSP loss and accuracy of a checkpoint)")
+        if self.mode == "evaluate":
+            self._evaluation_source()
 
         d = self.cfg.data
         prefix, tokenizer, valid_prefix = d.prefix, d.tokenizer, d.valid_prefix
@@ -136,6 +149,58 @@ class PretrainTask:
             consumed_samples=consumed_samples, num_workers=self.cfg.data.num_workers,
             pin_memory=self.ps.device.type == "cuda", transform=partial(to_model_inputs, **self.input_options()))
         return iter(loader)
+
+    def _evaluation_source(self) -> None:
+        """task.mode=evaluate: the weights to score (task.pretrained, else what checkpoint.resume
+        resumes), loaded as weights only; the architecture and tokenizer follow them."""
+        from .checkpointing import adopt_architecture, sample_stream_changes, weights_source
+
+        c, t = self.cfg.checkpoint, self.cfg.task
+        if t.pretrained:
+            c.resume = "none"  # an explicitly named checkpoint wins over whatever the run dir holds
+        self.source, _, self.source_meta = weights_source(self.cfg)
+        if self.source is None:
+            raise ConfigError("task.mode=evaluate needs weights: give task.pretrained=CHECKPOINT (a pretraining "
+                              "run's checkpoints/ folder, one step_<N>/ or a converted checkpoint)")
+        t.pretrained, c.resume = str(self.source), "none"
+        meta, src = self.source_meta, self.source
+        if meta.get("head", "pretraining") not in ("pretraining", "masked_lm"):
+            raise CheckpointError(f"checkpoint {src} has a {meta['head']!r} head, not the pretraining (MLM + "
+                                  "SOP/NSP) one: evaluate it with its fine-tuning task (task=... task.mode=evaluate)")
+        if self.cfg.train.eval_iters < 1:
+            raise ConfigError(f"task.mode=evaluate scores train.eval_iters global batches; "
+                              f"train.eval_iters={self.cfg.train.eval_iters}: set it >= 1")
+        adopt_architecture(self.cfg.model, meta, src, self.log)
+        if self.cfg.data.tokenizer is None and meta.get("tokenizer"):
+            self.cfg.data.tokenizer = meta["tokenizer"]
+        changed = sample_stream_changes(meta.get("config", {}), OmegaConf.to_container(self.cfg))
+        if changed:
+            self.log(f"note: the data settings differ from the training run's ({'; '.join(changed)}): these "
+                     "validation samples are not the ones its evaluations used")
+
+    def run_mode(self, trainer) -> int:
+        """task.mode=evaluate: one evaluation of the loaded weights, logged as the training run's are."""
+        from ..checkpoint.sharded import tensor_index
+
+        # The trainer loads task.pretrained leniently (new heads keep their init); a score needs every
+        # tensor it uses from the checkpoint.
+        saved = tensor_index(self.source)
+        unused = () if self.use_binary else ("binary_head.", "bert.pooler.")
+        missing = [k for k in trainer.model.state_dict() if f"model.{k}" not in saved and not k.startswith(unused)]
+        if missing and any(k.startswith(("binary_head.", "bert.pooler.")) for k in missing):
+            raise ConfigError(f"checkpoint {self.source} has no binary (SOP/NSP) head or pooler: give "
+                              "data.binary_head=none to score the masked LM only")
+        if missing:
+            raise CheckpointError(f"checkpoint {self.source} lacks {len(missing)} tensors the pretraining model "
+                                  f"needs (first: {missing[0]}): it was written for another model")
+        res = self.evaluate(trainer.model, self.cfg.train.eval_iters, trainer.autocast)
+        step = int(self.source_meta.get("step", 0))
+        trainer.writer.write({"step": step, "split": "valid", "mode": "evaluate", **res})
+        self.log(f"evaluate ({self.source}, step {step}, {self.cfg.train.eval_iters} x "
+                 f"{self.cfg.train.global_batch_size} samples) | "
+                 + " | ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+        trainer.writer.close()
+        return 0
 
     # ------------------------------------------------------------------ model
     def build_model(self, model_cfg, rt, tracker):
@@ -210,6 +275,7 @@ class PretrainTask:
             model.train(was_training)
         lm, tokens, correct, bsum, bcorrect, n = _dp_sum(sums, self.ps, self.ps.device)
         res = {"lm_loss": lm / max(tokens, 1), "lm_accuracy": correct / max(tokens, 1)}
+        res["lm_perplexity"] = math.exp(min(res["lm_loss"], 700.0))
         if self.use_binary:
             res.update(binary_loss=bsum / max(n, 1), binary_accuracy=bcorrect / max(n, 1))
         res["loss"] = res["lm_loss"] + res.get("binary_loss", 0.0)
