@@ -5,7 +5,8 @@
 * SP: replicated parameters used inside sequence-parallel regions (LayerNorm, row-parallel bias)
   only saw this rank's share of the sequence, so their grads are summed over the TP group.
 * Norm: TP-sharded params contribute their shard on every rank; replicated params are counted
-  once (on TP rank 0), then one all-reduce over TP gives the global norm.
+  once (on TP rank 0), then one all-reduce over TP gives the global norm. ``whole_tensor_norms``
+  does the same per tensor (LAMB's trust ratios).
 """
 from __future__ import annotations
 
@@ -115,6 +116,33 @@ def grad_norm(params: Iterable[torch.nn.Parameter], ps: ParallelState, norm_type
     if over_dp:
         comm.all_reduce(total, ps.dp_group)
     return total ** (1.0 / norm_type)
+
+
+def whole_tensor_norms(tensors: list[torch.Tensor], ps: ParallelState, tp_sharded, dp_sliced=None) -> torch.Tensor:
+    """L2 norm of each whole (logical) tensor, one fp32 entry per tensor, the same on every rank.
+
+    ``tensors[i]`` is this rank's part of tensor i: its TP shard where ``tp_sharded[i]`` (else the whole,
+    replicated over TP), further cut to this rank's DP slice where ``dp_sliced[i]`` (ZeRO, dp_shard.py;
+    else whole on every DP rank). Both are bool sequences or bool tensors on the tensors' device (pass
+    tensors to keep the call free of host→device copies). One fused multi-tensor norm, then one
+    all-reduce of the n squares over TP and (with ``dp_sliced``) one over DP; parts held whole count
+    on rank 0 of that group only (elsewhere times 0, so a NaN still poisons every rank's result)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32, device=ps.device)
+    device = tensors[0].device
+    squares = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square()
+
+    def summed(over: torch.Tensor, group, rank: int) -> torch.Tensor:
+        counted = torch.as_tensor(over, dtype=torch.bool, device=device) | (rank == 0)
+        out = torch.where(counted, squares, squares * 0.0)
+        comm.all_reduce(out, group)
+        return out
+
+    if ps.tp_size > 1:
+        squares = summed(tp_sharded, ps.tp_group, ps.tp_rank)
+    if dp_sliced is not None and ps.dp_size > 1:
+        squares = summed(dp_sliced, ps.dp_group, ps.dp_rank)
+    return squares.sqrt()
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -89,6 +89,7 @@ class TaskSchema:
 
 @dataclass
 class OptimSchema:
+    name: str = "adamw"  # adamw | lamb (the optim= group picks it with its defaults)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -237,6 +238,7 @@ _CHOICES = {
     "optim.lr_schedule": ("linear", "cosine", "constant", "wsd", "inverse_sqrt"),
     "optim.decay_style": ("linear", "cosine", "1-sqrt"),
     "optim.grad_reduce_dtype": ("fp32", "param"),
+    "optim.name": ("adamw", "lamb"),
     "checkpoint.best_mode": ("auto", "max", "min"),
     "data.binary_head": ("sop", "nsp", "none"),
     "data.ngram_distribution": ("harmonic", "geometric"),
@@ -308,6 +310,9 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if tr.cuda_graph and cfg.task.name != "pretrain":
         raise ConfigError(f"train.cuda_graph=true supports task=pretrain only (got task={cfg.task.name}): "
                           "drop train.cuda_graph for fine-tuning")
+    if tr.cuda_graph and cfg.optim.name != "adamw":
+        raise ConfigError(f"train.cuda_graph=true captures AdamW steps only (optim.name={cfg.optim.name}): "
+                          "drop train.cuda_graph or use optim=adamw")
     if tr.cuda_graph and tr.precision == "fp16":
         raise ConfigError("train.cuda_graph=true does not support train.precision=fp16 (its loss scale is decided "
                           "on the host each step): use train.precision=bf16")

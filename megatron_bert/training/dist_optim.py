@@ -51,8 +51,9 @@ class DistributedOptimizer(WrapsOptimizer):
         with torch.no_grad():
             self.masters = [torch.nn.Parameter(self.plan.slice_of(p.detach(), i).float().clone())
                             for i, p in enumerate(self.model_params)]
-        for p, m in zip(self.model_params, self.masters):
+        for p, m, dim in zip(self.model_params, self.masters, self.plan.dims):
             copy_param_attrs(p, m)
+            m.dp_sliced = dim is not None  # a per-tensor norm (LAMB's) sums this master over DP
         self.master_of = dict(zip(self.model_params, self.masters))
         self.dp_shard_dims = dict(zip(self.model_params, self.plan.dims))
         self.dp_sharded = [d is not None for d in self.plan.dims]

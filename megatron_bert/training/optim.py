@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups, the LR schedule, and fp16 dynamic loss scaling."""
+"""AdamW (or LAMB: lamb.py) with weight-decay groups, the LR schedule, and fp16 dynamic loss scaling."""
 from __future__ import annotations
 
 import math
@@ -27,12 +27,21 @@ def _apex_fused_adam():
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, device: torch.device,
-                    substitute: dict | None = None, capturable: bool = False):
+                    substitute: dict | None = None, capturable: bool = False, name: str = "adamw", ps=None):
     """AdamW: apex's FusedAdam on GPU when importable, else torch's fused kernel; a plain loop on CPU.
+    ``name="lamb"``: :class:`~.lamb.Lamb` (needs ``ps``, the parallel state its norms reduce over), with
+    the trust ratio on the weight-decayed group only.
 
     ``capturable`` (CUDA graphs) always takes torch's fused AdamW with the LR as a device tensor: the
     captured kernel reads the LR from memory, so the schedule changes it in place between replays."""
     groups = param_groups(model, weight_decay, substitute)
+    if name == "lamb":
+        from .lamb import Lamb
+
+        if capturable:
+            raise ValueError("LAMB cannot be captured in a CUDA graph: use optim=adamw or train.cuda_graph=false")
+        groups[0]["trust_ratio"], groups[1]["trust_ratio"] = True, False
+        return Lamb(groups, ps, lr=lr, betas=betas, eps=eps)
     if device.type == "cuda":
         fused = None if capturable else _apex_fused_adam()
         if fused is not None:

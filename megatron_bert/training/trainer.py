@@ -98,7 +98,7 @@ class Trainer(CheckpointingMixin):
 
         def make_optimizer(model, substitute=None):
             return build_optimizer(model, cfg.train.lr, o.weight_decay, (o.beta1, o.beta2), o.eps, ps.device, substitute,
-                                   capturable=graphed)
+                                   capturable=graphed, name=o.name, ps=ps)
 
         self.mixed = cfg.train.precision in ("bf16", "fp16")
         if self.mixed:
@@ -119,7 +119,8 @@ class Trainer(CheckpointingMixin):
                      f"({whole / 2**20:.1f} MiB unsharded, DP={ps.dp_size}); grads reduced in "
                      f"{str(reduced).removeprefix('torch.')}")
         elif self.mixed:
-            self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer, flat=use_flat_adamw(ps.device, graphed))
+            flat = o.name == "adamw" and use_flat_adamw(ps.device, graphed)  # (the flat pass is AdamW's)
+            self.optimizer = MasterWeightsOptimizer(self.model, make_optimizer, flat=flat)
             self.opt_params = self.optimizer.masters
             if self._grads_stay_local() and os.environ.get("MEGATRON_BERT_DEFER_GRAD_COPY", "1") != "0":
                 # nothing touches the master grads between backward and step: a one-micro-batch step

@@ -1,0 +1,112 @@
+"""``optim=lamb``: LAMB (You et al., "Large Batch Optimization for Deep Learning", 2020), the optimizer of
+large-batch BERT pretraining, exact under tensor and data parallelism.
+
+Per parameter, with bias-corrected Adam moments::
+
+    m = β1 m + (1 − β1) g          v = β2 v + (1 − β2) g²
+    u = (m / (1 − β1ᵗ)) / (sqrt(v / (1 − β2ᵗ)) + ε) + λ w
+    w ← w − lr · r · u,    r = ‖w‖ / ‖u‖  (1 when either norm is 0)
+
+The trust ratio ``r`` compares norms of *whole* tensors. A TP shard (or a ZeRO slice) is only a part of
+its tensor, and its own norm would give every rank another ratio: the layouts would train different
+models. Here both norms of every tensor come from parallel.whole_tensor_norms (squares summed over
+the TP group for sharded params and over DP for distributed-optimizer slices, counted once where
+replicated), so TP=1, TP=2 and TP=2 × DP=2 with sharded moments take the same steps (tests/test_lamb.py).
+apex's FusedLAMB takes each rank's local norms, so it is not used even where apex is importable.
+
+As NVIDIA's BERT recipe (apex FusedLAMB without ``use_nvlamb``): the trust ratio applies to the weight-
+decayed group (matrices and embeddings); biases and LayerNorm weights take plain Adam steps. The
+state is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter): checkpoints move between the two.
+Not capturable in a CUDA graph (step counts, the LR and the ratios' per-tensor factors live on the host:
+one device→host copy of the ratios per step): ``train.cuda_graph`` needs AdamW.
+"""
+from __future__ import annotations
+
+import torch
+
+from parallel import ParallelState, is_tp_sharded, whole_tensor_norms
+
+
+class Lamb(torch.optim.Optimizer):
+    """Param groups as AdamW's (``lr``, ``betas``, ``eps``, ``weight_decay``) plus ``trust_ratio``
+    (bool, default True). A param may carry ``dp_sliced = True``: it is this rank's ZeRO slice."""
+
+    def __init__(self, params, ps: ParallelState, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, trust_ratio: bool = True):
+        if not lr > 0 or not eps >= 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"LAMB: lr={lr}, eps={eps}, betas={betas}: need lr > 0, eps >= 0, 0 <= beta < 1")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      trust_ratio=trust_ratio))
+        self.ps = ps
+        self._layout: dict = {}  # tuple of param ids -> (tp_sharded, dp_sliced) bool tensors on the device
+
+    def _masks(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(id(p) for p in params)
+        if key not in self._layout:  # the params that have grads are the same step after step
+            dev = params[0].device
+            self._layout[key] = (torch.tensor([is_tp_sharded(p) for p in params], device=dev),
+                                 torch.tensor([bool(getattr(p, "dp_sliced", False)) for p in params], device=dev))
+        return self._layout[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        todo = []  # (group, params, updates) of every group, for one norm call over them all
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                todo.append((group, params, self._direction(group, params)))
+        if not todo:
+            return loss
+        adapted = [(p, u) for g, ps_, us in todo if g["trust_ratio"] for p, u in zip(ps_, us)]
+        ratios = iter(())
+        if adapted:
+            weights, updates = [p for p, _ in adapted], [u for _, u in adapted]
+            tp, dp = self._masks(weights)
+            norms = whole_tensor_norms(weights + updates, self.ps, torch.cat([tp, tp]), torch.cat([dp, dp]))
+            w_norm, u_norm = norms[:len(weights)], norms[len(weights):]
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            # to the host: per-tensor factors as a scalar list keep the multiply one multi-tensor kernel
+            # (a list of device scalars falls back to one kernel per tensor)
+            ratios = iter(ratio.double().tolist())
+        for group, params, updates in todo:
+            if group["trust_ratio"]:
+                torch._foreach_mul_(updates, [-group["lr"] * next(ratios) for _ in params])
+            else:
+                torch._foreach_mul_(updates, -group["lr"])
+            torch._foreach_add_(params, updates)
+        return loss
+
+    def _direction(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Moments updated; the Adam direction plus weight decay, written into the grads (which the step
+        consumes: no extra memory) and returned."""
+        beta1, beta2 = group["betas"]
+        states = []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(st)
+        steps = [st["step"] for st in states]  # (host tensors, AdamW's layout)
+        torch._foreach_add_(steps, 1.0)
+        ts = torch.stack(steps).double().tolist()
+        exp_avg, exp_avg_sq = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        # m̂ / (sqrt(v̂) + eps) = (c1 / c2) · m / (sqrt(v) + eps / c2),  c1 = 1 / (1 - β1ᵗ), c2 = 1 / sqrt(1 - β2ᵗ)
+        c2 = [(1.0 - beta2 ** t) ** -0.5 for t in ts]
+        scale = [(1.0 - beta1 ** t) ** -1 / c for t, c in zip(ts, c2)]
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
+        u = grads  # from here on the grad buffers hold the update
+        torch._foreach_copy_(u, exp_avg_sq)
+        torch._foreach_sqrt_(u)
+        torch._foreach_add_(u, [group["eps"] / c for c in c2])
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, exp_avg)
+        torch._foreach_mul_(u, scale)
+        if group["weight_decay"]:
+            torch._foreach_add_(u, params, alpha=group["weight_decay"])
+        return u
