@@ -11,7 +11,7 @@ from dist_harness import run_distributed
 from lamb_checks import check_lamb
 from megatron_bert.training.lamb import Lamb
 from parallel import ParallelState
-from train_fixtures import base_overrides, build_dataset, metrics, resume_dir, train
+from train_fixtures import base_overrides, build_dataset, metrics, resume_dir
 
 
 def reference_lamb(ws, grads_per_step, lr, betas, eps, wd, trust):
@@ -85,7 +85,8 @@ def _steps(run_dir, steps):
 def test_lamb_runs_agree_across_layouts_and_resume(dataset, tmp_path):
     """fp32 with (keyed) dropout, lr 1e-2 so that the trust ratios shape the steps: TP=1 against TP=2 × DP=2
     with sequence parallelism and the distributed optimizer (1e-5); then the sharded run's step-3 checkpoint
-    resumed at TP=1 unsharded continues as the TP=1 run did."""
+    resumed at TP=1 unsharded continues as the TP=1 run did, and an AdamW run resumes from it too (the
+    moments are AdamW's layout)."""
     def ov(name, **extra):
         return base_overrides(dataset, tmp_path / name, **{"optim": "lamb", "train.lr": 1e-2,
                                                            "checkpoint.save_interval": 3, **extra})
@@ -101,8 +102,13 @@ def test_lamb_runs_agree_across_layouts_and_resume(dataset, tmp_path):
         assert loss == pytest.approx(want_loss, rel=1e-5) and norm == pytest.approx(want_norm, rel=1e-4)
     assert ref[-1][0] < ref[0][0] and all(math.isfinite(x) for x, _ in ref)
     again = resume_dir(tmp_path / "tp2_dp2_zero" / "checkpoints", tmp_path / "resumed", step=3)
-    out = train(ov("resumed"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed from" in out.stdout and "saved at TP=2 DP=2, now TP=1 DP=1" in out.stdout
+    resume_dir(tmp_path / "tp2_dp2_zero" / "checkpoints", tmp_path / "adamw", step=3)
+    res = finish({"resumed": launch(ov("resumed")), "adamw": launch(ov("adamw", optim="adamw"))})
+    for k, (code, stdout, _) in res.items():
+        assert code == 0, f"{k}: {describe(res[k])}"
+        assert "resumed from" in stdout and "saved at TP=2 DP=2, now TP=1 DP=1" in stdout, k
     for (loss, _), (want, _) in zip(_steps(again, range(4, 7)), ref[3:]):
         assert loss == pytest.approx(want, rel=1e-5)
+    adamw = _steps(tmp_path / "adamw", range(4, 7))
+    assert adamw[0][0] == pytest.approx(ref[3][0], rel=1e-5)  # the same weights at step 3 ...
+    assert adamw[1][0] != pytest.approx(ref[4][0], rel=1e-5)  # ... then another optimizer's steps
