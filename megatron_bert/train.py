@@ -1,6 +1,7 @@
 """Entry point: ``torchrun --nproc_per_node=N -m megatron_bert.train [key=value ...]``.
 
-Plain ``python -m megatron_bert.train`` runs one process. Errors print one line (``error: ...``) and
+Plain ``python -m megatron_bert.train`` runs one process; ``--help`` lists the config groups and keys,
+``--cfg job [key=value ...]`` prints the resolved config without running. Errors print one line (``error: ...``) and
 exit non-zero; set ``HYDRA_FULL_ERROR=1`` or ``MEGATRON_BERT_DEBUG=1`` for the traceback.
 Exit codes: 2 bad config / data / checkpoint (or a failed save), 3 training stopped (non-finite steps),
 4 a collective timed out or lost its peer (the line names the rank, phase and step). RELIABILITY.md.
@@ -59,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         from .training.config import ConfigError, compose, validate
 
         faults.install()  # test-only fault hooks from the environment (nothing when unset)
+        from .training.cli_help import handle_flags
+
+        world = os.environ.get("WORLD_SIZE")
+        text = handle_flags(argv, int(world) if world else None)  # --help, --cfg job
+        if text is not None:
+            if rank == 0:
+                print(text, end="")
+            return 0
         cfg = compose(argv)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process-group work
         from .training.trainer import Trainer  # after validate: a bad config exits without its imports

@@ -31,6 +31,7 @@ CASES = [
     ("cfg-wrong-type-bool", ["parallel.sequence_parallel=maybe"], {}, "parallel.sequence_parallel"),
     ("cfg-unknown-appended-key", ["+train.foo=1"], {}, "foo"),
     ("cfg-override-without-value", ["train.lr"], {}, "train.lr"),
+    ("cfg-dash-option", ["--lr=1e-4"], {}, "unknown option --lr=1e-4: arguments are key=value overrides"),
     ("cfg-negative-max-steps", ["train.max_steps=-1"], {}, "train.max_steps=-1 must be >= 0"),
     ("cfg-zero-micro-batch", ["train.micro_batch_size=0"], {}, "must be >= 1"),
     ("cfg-zero-log-interval", ["train.log_interval=0"], {}, "train.log_interval=0 must be >= 1"),
