@@ -42,8 +42,6 @@ CASES = [
      "optim.decay_fraction=1.5 must be in [0, 1]"),
     ("cfg-grad-reduce-param-without-zero", ["optim.grad_reduce_dtype=param"], {},
      "optim.grad_reduce_dtype=param is a mode of the distributed optimizer"),
-    ("cfg-lamb-with-cuda-graph", ["optim=lamb", "train.cuda_graph=true"], {},
-     "train.cuda_graph=true captures AdamW steps only (optim.name=lamb)"),
     ("cfg-optimizer-choice", ["optim.name=sgd"], {}, "optim.name='sgd' is not one of adamw, lamb"),
     ("cfg-decay-style-choice", ["optim.decay_style=exp"], {}, "optim.decay_style='exp' is not one of linear, cosine, 1-sqrt"),
     ("cfg-min-lr-above-lr", ["optim.min_lr=1"], {}, "optim.min_lr=1.0 must be in [0, train.lr]"),

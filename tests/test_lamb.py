@@ -63,6 +63,45 @@ def test_update_follows_the_formulas():
     assert set(st) == {"step", "exp_avg", "exp_avg_sq"} and float(st["step"]) == 4.0
 
 
+def test_capturable_steps_equal_eager_ones_and_skip_on_the_device():
+    """The CUDA-graph mode (step counts, LR, ratios on the device; grad_scale / found_inf from the trainer)
+    against the eager mode driven as the trainer drives it (grads times the clip coefficient, the step
+    not called when non-finite): step 2 has NaN grads and is skipped, step 3 clipped by 0.5."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(6, 5), (5,), (3, 4)]
+    ws = [torch.randn(s, generator=g) for s in shapes]
+    plan = [(1.0, True), (1.0, False), (0.5, True), (1.0, True)]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in plan]
+    grads[1][0][2, 3] = float("nan")
+    grads[1][2][0, 0] = float("inf")
+
+    def make(capturable):
+        params = [torch.nn.Parameter(w.clone()) for w in ws]
+        groups = [{"params": [params[0], params[2]], "weight_decay": 0.05},
+                  {"params": [params[1]], "weight_decay": 0.0, "trust_ratio": False}]
+        lr = torch.tensor(0.02) if capturable else 0.02
+        return params, Lamb(groups, ParallelState.single(), lr=lr, betas=(0.9, 0.99), capturable=capturable)
+
+    (pe, eager), (pc, graph) = make(False), make(True)
+    for (coef, finite), step in zip(plan, grads):
+        for p, gr in zip(pe, step):
+            p.grad = gr.clone() * coef
+        if finite:
+            eager.step()
+        for p, gr in zip(pc, step):
+            p.grad = gr.clone()
+        graph.grad_scale = torch.tensor(1.0 / coef)
+        graph.found_inf = torch.tensor(0.0 if finite else 1.0)
+        graph.step()
+    for a, b in zip(pe, pc):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-6, atol=1e-7)
+        for key in ("exp_avg", "exp_avg_sq"):
+            # (β1·m + (1-β1)·g against a lerp, g / (1/c) against g·c: last-bit differences)
+            torch.testing.assert_close(graph.state[b][key], eager.state[a][key], rtol=1e-5, atol=1e-7)
+        assert float(graph.state[b]["step"]) == float(eager.state[a]["step"]) == 3.0
+    assert all(torch.isfinite(p).all() for p in pc)
+
+
 def test_trust_ratios_use_whole_tensor_norms_on_tp2_dp2_gloo():
     results = run_distributed(4, 2, check_lamb)
     for r in results:

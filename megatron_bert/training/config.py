@@ -310,9 +310,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if tr.cuda_graph and cfg.task.name != "pretrain":
         raise ConfigError(f"train.cuda_graph=true supports task=pretrain only (got task={cfg.task.name}): "
                           "drop train.cuda_graph for fine-tuning")
-    if tr.cuda_graph and cfg.optim.name != "adamw":
-        raise ConfigError(f"train.cuda_graph=true captures AdamW steps only (optim.name={cfg.optim.name}): "
-                          "drop train.cuda_graph or use optim=adamw")
     if tr.cuda_graph and tr.precision == "fp16":
         raise ConfigError("train.cuda_graph=true does not support train.precision=fp16 (its loss scale is decided "
                           "on the host each step): use train.precision=bf16")

@@ -17,8 +17,11 @@ apex's FusedLAMB takes each rank's local norms, so it is not used even where ape
 As NVIDIA's BERT recipe (apex FusedLAMB without ``use_nvlamb``): the trust ratio applies to the weight-
 decayed group (matrices and embeddings); biases and LayerNorm weights take plain Adam steps. The
 state is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter): checkpoints move between the two.
-Not capturable in a CUDA graph (step counts, the LR and the ratios' per-tensor factors live on the host:
-one device→host copy of the ratios per step): ``train.cuda_graph`` needs AdamW.
+Two modes. Eager (default): step counts on the host, the ratios copied to the host once per step so that
+each group's scaling is one multi-tensor kernel. ``capturable=True`` (``train.cuda_graph``): everything on
+the device — step counts, bias corrections, the LR (a tensor the schedule fills), the ratios — and, like
+torch's fused AdamW, ``grad_scale`` / ``found_inf`` set by the trainer: grads divided by the one, the whole
+step (moments, counts, weights) left as it was where the other is 1, with no host decision.
 """
 from __future__ import annotations
 
@@ -31,22 +34,35 @@ class Lamb(torch.optim.Optimizer):
     """Param groups as AdamW's (``lr``, ``betas``, ``eps``, ``weight_decay``) plus ``trust_ratio``
     (bool, default True). A param may carry ``dp_sliced = True``: it is this rank's ZeRO slice."""
 
-    def __init__(self, params, ps: ParallelState, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, trust_ratio: bool = True):
-        if not lr > 0 or not eps >= 0 or not all(0 <= b < 1 for b in betas):
+    def __init__(self, params, ps: ParallelState, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.01, trust_ratio: bool = True, capturable: bool = False):
+        if not float(lr) > 0 or not eps >= 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"LAMB: lr={lr}, eps={eps}, betas={betas}: need lr > 0, eps >= 0, 0 <= beta < 1")
+        # ("capturable" in the groups also tells checkpoint/sharded.py to make step counts device tensors)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      trust_ratio=trust_ratio))
-        self.ps = ps
+                                      trust_ratio=trust_ratio, capturable=capturable))
+        self.ps, self.capturable = ps, capturable
+        self.skips_on_device = capturable  # optim.step_if_finite then hands over grad_scale / found_inf
+        self.grad_scale: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None
         self._layout: dict = {}  # tuple of param ids -> (tp_sharded, dp_sliced) bool tensors on the device
 
     def _masks(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         key = tuple(id(p) for p in params)
         if key not in self._layout:  # the params that have grads are the same step after step
             dev = params[0].device
-            self._layout[key] = (torch.tensor([is_tp_sharded(p) for p in params], device=dev),
-                                 torch.tensor([bool(getattr(p, "dp_sliced", False)) for p in params], device=dev))
+            tp = torch.tensor([is_tp_sharded(p) for p in params], device=dev)
+            dp = torch.tensor([bool(getattr(p, "dp_sliced", False)) for p in params], device=dev)
+            # for the weights and the updates together; made before any capture (host→device copies)
+            self._layout[key] = (torch.cat([tp, tp]), torch.cat([dp, dp]))
         return self._layout[key]
+
+    def _kept(self, device) -> torch.Tensor:
+        """Capturable mode: a device scalar, 1 where this step counts, 0 where the trainer found
+        non-finite grads."""
+        if self.found_inf is None:
+            return torch.ones((), dtype=torch.float32, device=device)
+        return 1.0 - self.found_inf.to(device=device, dtype=torch.float32)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,12 +79,16 @@ class Lamb(torch.optim.Optimizer):
         if adapted:
             weights, updates = [p for p, _ in adapted], [u for _, u in adapted]
             tp, dp = self._masks(weights)
-            norms = whole_tensor_norms(weights + updates, self.ps, torch.cat([tp, tp]), torch.cat([dp, dp]))
+            norms = whole_tensor_norms(weights + updates, self.ps, tp, dp)
             w_norm, u_norm = norms[:len(weights)], norms[len(weights):]
             ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-            # to the host: per-tensor factors as a scalar list keep the multiply one multi-tensor kernel
-            # (a list of device scalars falls back to one kernel per tensor)
-            ratios = iter(ratio.double().tolist())
+            if self.capturable:  # per-tensor device factors (one kernel per tensor: cheap inside a graph)
+                ratios = iter(ratio.unbind(0))
+            else:  # to the host: a scalar list keeps each group's multiply one multi-tensor kernel
+                ratios = iter(ratio.double().tolist())
+        if self.capturable:
+            self._apply_on_device(todo, ratios)
+            return loss
         for group, params, updates in todo:
             if group["trust_ratio"]:
                 torch._foreach_mul_(updates, [-group["lr"] * next(ratios) for _ in params])
@@ -77,9 +97,20 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_add_(params, updates)
         return loss
 
+    def _apply_on_device(self, todo, ratios) -> None:
+        for group, params, updates in todo:
+            factor = -group["lr"] * self._kept(params[0].device)  # 0 on a skipped step
+            if group["trust_ratio"]:
+                torch._foreach_mul_(updates, [factor * next(ratios) for _ in params])
+            else:
+                torch._foreach_mul_(updates, [factor] * len(params))  # (a list: see _direction_on_device)
+            torch._foreach_add_(params, updates)
+
     def _direction(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Moments updated; the Adam direction plus weight decay, written into the grads (which the step
         consumes: no extra memory) and returned."""
+        if self.capturable:
+            return self._direction_on_device(group, params)
         beta1, beta2 = group["betas"]
         states = []
         for p in params:
@@ -107,6 +138,51 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_reciprocal_(u)
         torch._foreach_mul_(u, exp_avg)
         torch._foreach_mul_(u, scale)
+        if group["weight_decay"]:
+            torch._foreach_add_(u, params, alpha=group["weight_decay"])
+        return u
+
+    def _direction_on_device(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`_direction` with no host value: a skipped step (``found_inf``) zeroes the grads (NaN and
+        inf included) and leaves moments and counts as they were. Device scalars enter the multi-tensor
+        ops only as lists (one per tensor), never as the single-tensor overloads, which may read them on
+        the host (not allowed while a CUDA graph is being captured)."""
+        beta1, beta2 = group["betas"]
+        dev, n = params[0].device, len(params)
+        states = []
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            states.append(st)
+        kept = self._kept(dev)
+        grads = [p.grad for p in params]
+        if self.grad_scale is not None:
+            torch._foreach_mul_(grads, [self.grad_scale.to(dev, torch.float32).reciprocal()] * n)
+        if self.found_inf is not None:
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            torch._foreach_mul_(grads, [kept] * n)
+        steps = [st["step"] for st in states]
+        counted = torch.stack(steps) + kept
+        torch._foreach_copy_(steps, list(counted.unbind(0)))
+        ts = counted.clamp(min=1.0)  # (a first step that was skipped: no division by 0)
+        c2 = (1.0 - torch.pow(beta2, ts)).rsqrt()
+        scale = (1.0 - torch.pow(beta1, ts)).reciprocal() / c2
+        exp_avg, exp_avg_sq = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        torch._foreach_mul_(exp_avg, [1.0 - (1.0 - beta1) * kept] * n)  # (β1 on a kept step, 1 on a skipped one)
+        torch._foreach_add_(exp_avg, grads, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sq, [1.0 - (1.0 - beta2) * kept] * n)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
+        u = grads
+        torch._foreach_copy_(u, exp_avg_sq)
+        torch._foreach_sqrt_(u)
+        torch._foreach_add_(u, list((group["eps"] / c2).unbind(0)))
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, exp_avg)
+        torch._foreach_mul_(u, list(scale.unbind(0)))
         if group["weight_decay"]:
             torch._foreach_add_(u, params, alpha=group["weight_decay"])
         return u

@@ -38,9 +38,9 @@ def build_optimizer(model, lr: float, weight_decay: float, betas, eps: float, de
     if name == "lamb":
         from .lamb import Lamb
 
-        if capturable:
-            raise ValueError("LAMB cannot be captured in a CUDA graph: use optim=adamw or train.cuda_graph=false")
         groups[0]["trust_ratio"], groups[1]["trust_ratio"] = True, False
+        if capturable:  # the LR a device tensor (filled in place by the schedule), no host decisions
+            return Lamb(groups, ps, lr=torch.tensor(lr, device=device), betas=betas, eps=eps, capturable=True)
         return Lamb(groups, ps, lr=lr, betas=betas, eps=eps)
     if device.type == "cuda":
         fused = None if capturable else _apex_fused_adam()
@@ -71,7 +71,10 @@ def use_flat_adamw(device: torch.device, capturable: bool = False) -> bool:
 
 def _skips_on_device(optimizer) -> bool:
     """torch's fused AdamW divides the grads by ``grad_scale`` and skips the update where ``found_inf``
-    is 1 inside its own kernel: clipping and the non-finite skip then cost no pass and no host sync."""
+    is 1 inside its own kernel: clipping and the non-finite skip then cost no pass and no host sync.
+    A capturable LAMB (lamb.py) does the same in its multi-tensor passes."""
+    if getattr(optimizer, "skips_on_device", False):
+        return True
     return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
