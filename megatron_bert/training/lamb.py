@@ -17,6 +17,7 @@ apex's FusedLAMB takes each rank's local norms, so it is not used even where ape
 As NVIDIA's BERT recipe (apex FusedLAMB without ``use_nvlamb``): the trust ratio applies to the weight-
 decayed group (matrices and embeddings); biases and LayerNorm weights take plain Adam steps. The
 state is AdamW's (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter): checkpoints move between the two.
+
 Two modes. Eager (default): step counts on the host, the ratios copied to the host once per step so that
 each group's scaling is one multi-tensor kernel. ``capturable=True`` (``train.cuda_graph``): everything on
 the device — step counts, bias corrections, the LR (a tensor the schedule fills), the ratios — and, like
@@ -45,7 +46,7 @@ class Lamb(torch.optim.Optimizer):
         self.skips_on_device = capturable  # optim.step_if_finite then hands over grad_scale / found_inf
         self.grad_scale: torch.Tensor | None = None
         self.found_inf: torch.Tensor | None = None
-        self._layout: dict = {}  # tuple of param ids -> (tp_sharded, dp_sliced) bool tensors on the device
+        self._layout: dict = {}  # param ids -> (tp_sharded, dp_sliced) masks on the device, weights then updates
 
     def _masks(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         key = tuple(id(p) for p in params)
