@@ -7,20 +7,10 @@ import pytest
 
 from megatron_bert.data.dataset import build_pretraining_datasets
 from megatron_bert.data.masking import IGNORE_INDEX, mask_tokens, ngram_length_table, pick_spans, random_token_pool
-from test_data_dataset import SEQ, check_layout, fake_tokenizer, make_data, original_tokens
+from test_data_dataset import SEQ, check_layout, data, original_tokens, tok  # noqa: F401 (fixtures)
 
 MASK = 4
 POOL = random_token_pool(1000, [0, 1, 2, 3, 4])
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("mask"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return fake_tokenizer()
 
 
 def first_span_lengths(max_ngrams, distribution, draws=6000):
