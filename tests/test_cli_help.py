@@ -38,6 +38,7 @@ def test_cfg_job_prints_the_resolved_config(capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["--foo"], "error: unknown option --foo: arguments are key=value overrides"),
+    (["-m", "train.lr=1e-4,3e-4"], "error: -m: Hydra's multirun is not used here; python launch/sweep.py"),
     (["--cfg"], "error: --cfg: only --cfg job (print the resolved config) is supported"),
     (["--cfg", "hydra"], "error: --cfg hydra: only --cfg job"),
     (["--cfg", "job", "train.lr=-1"], "error: train.lr=-1.0 must be > 0"),

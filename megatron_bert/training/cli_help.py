@@ -61,6 +61,9 @@ def handle_flags(argv: list[str], world_size: int | None) -> str | None:
         del rest[i:i + 2]
         show = True
     for a in rest:
+        if a in ("-m", "--multirun"):
+            raise ConfigError(f"{a}: Hydra's multirun is not used here; python launch/sweep.py --nproc N "
+                              "key=a,b -- key=value ... runs one torchrun per setting")
         if a.startswith("-"):
             raise ConfigError(f"unknown option {a}: arguments are key=value overrides (python -m megatron_bert.train "
                               "--help lists the keys)")
