@@ -69,9 +69,15 @@ class Lamb(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         todo = []  # (group, params, updates) of every group, for one norm call over them all
+        kept = None  # capturable: the device scalar of _kept, the same for every group
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if params:
+            if not params:
+                continue
+            if self.capturable:
+                kept = self._kept(params[0].device) if kept is None else kept
+                todo.append((group, params, self._direction_on_device(group, params, kept)))
+            else:
                 todo.append((group, params, self._direction(group, params)))
         if not todo:
             return loss
@@ -87,44 +93,52 @@ class Lamb(torch.optim.Optimizer):
                 ratios = iter(ratio.unbind(0))
             else:  # to the host: a scalar list keeps each group's multiply one multi-tensor kernel
                 ratios = iter(ratio.double().tolist())
-        if self.capturable:
-            self._apply_on_device(todo, ratios)
-            return loss
         for group, params, updates in todo:
+            factor = -group["lr"] if kept is None else -group["lr"] * kept  # (capturable: 0 on a skipped step)
             if group["trust_ratio"]:
-                torch._foreach_mul_(updates, [-group["lr"] * next(ratios) for _ in params])
-            else:
-                torch._foreach_mul_(updates, -group["lr"])
+                factors = [factor * next(ratios) for _ in params]
+            else:  # (capturable: a list, see _direction_on_device)
+                factors = factor if kept is None else [factor] * len(params)
+            torch._foreach_mul_(updates, factors)
             torch._foreach_add_(params, updates)
         return loss
 
-    def _apply_on_device(self, todo, ratios) -> None:
-        for group, params, updates in todo:
-            factor = -group["lr"] * self._kept(params[0].device)  # 0 on a skipped step
-            if group["trust_ratio"]:
-                torch._foreach_mul_(updates, [factor * next(ratios) for _ in params])
-            else:
-                torch._foreach_mul_(updates, [factor] * len(params))  # (a list: see _direction_on_device)
-            torch._foreach_add_(params, updates)
-
-    def _direction(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Moments updated; the Adam direction plus weight decay, written into the grads (which the step
-        consumes: no extra memory) and returned."""
-        if self.capturable:
-            return self._direction_on_device(group, params)
-        beta1, beta2 = group["betas"]
+    def _states(self, params: list[torch.Tensor], step_device) -> tuple[list, list, list]:
+        """(step counts, exp_avg, exp_avg_sq) of ``params``, made (zeros) on their first step; the counts
+        live on ``step_device`` (the host, or the params' device when capturable)."""
         states = []
         for p in params:
             st = self.state[p]
             if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             states.append(st)
-        steps = [st["step"] for st in states]  # (host tensors, AdamW's layout)
+        return ([st["step"] for st in states], [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states])
+
+    @staticmethod
+    def _update_into_grads(group, params, grads, exp_avg, exp_avg_sq, eps_terms, scales) -> list[torch.Tensor]:
+        """u = scale · m / (sqrt(v) + eps_term) + λ w, per tensor, written into the grad buffers (which
+        the step consumes: no extra memory). ``eps_terms`` / ``scales``: one float or device scalar per
+        tensor (the bias corrections folded in, see :meth:`_direction`)."""
+        u = grads
+        torch._foreach_copy_(u, exp_avg_sq)
+        torch._foreach_sqrt_(u)
+        torch._foreach_add_(u, eps_terms)
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, exp_avg)
+        torch._foreach_mul_(u, scales)
+        if group["weight_decay"]:
+            torch._foreach_add_(u, params, alpha=group["weight_decay"])
+        return u
+
+    def _direction(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Eager mode: moments updated; the Adam direction plus weight decay, in the grad buffers."""
+        beta1, beta2 = group["betas"]
+        steps, exp_avg, exp_avg_sq = self._states(params, "cpu")  # (host counts, AdamW's layout)
         torch._foreach_add_(steps, 1.0)
         ts = torch.stack(steps).double().tolist()
-        exp_avg, exp_avg_sq = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         # m̂ / (sqrt(v̂) + eps) = (c1 / c2) · m / (sqrt(v) + eps / c2),  c1 = 1 / (1 - β1ᵗ), c2 = 1 / sqrt(1 - β2ᵗ)
         c2 = [(1.0 - beta2 ** t) ** -0.5 for t in ts]
         scale = [(1.0 - beta1 ** t) ** -1 / c for t, c in zip(ts, c2)]
@@ -132,33 +146,17 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_lerp_(exp_avg, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
-        u = grads  # from here on the grad buffers hold the update
-        torch._foreach_copy_(u, exp_avg_sq)
-        torch._foreach_sqrt_(u)
-        torch._foreach_add_(u, [group["eps"] / c for c in c2])
-        torch._foreach_reciprocal_(u)
-        torch._foreach_mul_(u, exp_avg)
-        torch._foreach_mul_(u, scale)
-        if group["weight_decay"]:
-            torch._foreach_add_(u, params, alpha=group["weight_decay"])
-        return u
+        return self._update_into_grads(group, params, grads, exp_avg, exp_avg_sq,
+                                       [group["eps"] / c for c in c2], scale)
 
-    def _direction_on_device(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """:meth:`_direction` with no host value: a skipped step (``found_inf``) zeroes the grads (NaN and
+    def _direction_on_device(self, group: dict, params: list[torch.Tensor], kept: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`_direction` with no host value: a skipped step (``kept`` = 0) zeroes the grads (NaN and
         inf included) and leaves moments and counts as they were. Device scalars enter the multi-tensor
         ops only as lists (one per tensor), never as the single-tensor overloads, which may read them on
         the host (not allowed while a CUDA graph is being captured)."""
         beta1, beta2 = group["betas"]
         dev, n = params[0].device, len(params)
-        states = []
-        for p in params:
-            st = self.state[p]
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=dev)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            states.append(st)
-        kept = self._kept(dev)
+        steps, exp_avg, exp_avg_sq = self._states(params, dev)
         grads = [p.grad for p in params]
         if self.grad_scale is not None:
             torch._foreach_mul_(grads, [self.grad_scale.to(dev, torch.float32).reciprocal()] * n)
@@ -166,24 +164,14 @@ class Lamb(torch.optim.Optimizer):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             torch._foreach_mul_(grads, [kept] * n)
-        steps = [st["step"] for st in states]
         counted = torch.stack(steps) + kept
         torch._foreach_copy_(steps, list(counted.unbind(0)))
         ts = counted.clamp(min=1.0)  # (a first step that was skipped: no division by 0)
         c2 = (1.0 - torch.pow(beta2, ts)).rsqrt()
         scale = (1.0 - torch.pow(beta1, ts)).reciprocal() / c2
-        exp_avg, exp_avg_sq = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         torch._foreach_mul_(exp_avg, [1.0 - (1.0 - beta1) * kept] * n)  # (β1 on a kept step, 1 on a skipped one)
         torch._foreach_add_(exp_avg, grads, alpha=1.0 - beta1)
         torch._foreach_mul_(exp_avg_sq, [1.0 - (1.0 - beta2) * kept] * n)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1.0 - beta2)
-        u = grads
-        torch._foreach_copy_(u, exp_avg_sq)
-        torch._foreach_sqrt_(u)
-        torch._foreach_add_(u, list((group["eps"] / c2).unbind(0)))
-        torch._foreach_reciprocal_(u)
-        torch._foreach_mul_(u, exp_avg)
-        torch._foreach_mul_(u, list(scale.unbind(0)))
-        if group["weight_decay"]:
-            torch._foreach_add_(u, params, alpha=group["weight_decay"])
-        return u
+        return self._update_into_grads(group, params, grads, exp_avg, exp_avg_sq,
+                                       list((group["eps"] / c2).unbind(0)), list(scale.unbind(0)))
