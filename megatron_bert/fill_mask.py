@@ -16,9 +16,6 @@ import sys
 
 import torch
 
-MASKED_LM_HEADS = ("pretraining", "masked_lm")
-
-
 def load_masked_lm(path, device: str = "cpu", tokenizer=None):
     """(model in eval mode, tokenizer, checkpoint dir) for a checkpoint with an MLM head, at TP=1."""
     from parallel import ParallelState
@@ -27,7 +24,7 @@ def load_masked_lm(path, device: str = "cpu", tokenizer=None):
     from .checkpoint.manager import read_model_state, resolve_checkpoint
     from .config import ModelConfig
     from .data import load_tokenizer
-    from .model import MegatronBertForPreTraining
+    from .model import MASKED_LM_HEADS, SENTENCE_HEAD_PARTS, MegatronBertForPreTraining
 
     ckpt = resolve_checkpoint(path)
     state, meta = read_model_state(ckpt)
@@ -44,7 +41,7 @@ def load_masked_lm(path, device: str = "cpu", tokenizer=None):
         raise CheckpointError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model was trained with "
                               f"{cfg.vocab_size}: give --tokenizer <the one it was pretrained with>")
     model = MegatronBertForPreTraining(cfg, ParallelState.single(device))
-    wanted = {k for k in model.state_dict() if not k.startswith(("binary_head.", "bert.pooler."))}
+    wanted = {k for k in model.state_dict() if not k.startswith(SENTENCE_HEAD_PARTS)}
     missing = sorted(wanted - set(state))
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} lacks {len(missing)} tensors of the masked-LM model "

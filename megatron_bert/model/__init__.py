@@ -2,6 +2,8 @@
 from .bert import MegatronBertModel
 from .heads import (
     HEADS,
+    MASKED_LM_HEADS,
+    SENTENCE_HEAD_PARTS,
     MegatronBertForCausalLM,
     MegatronBertForMaskedLM,
     MegatronBertForMultipleChoice,
@@ -15,7 +17,7 @@ from .heads import (
 )
 
 __all__ = [
-    "HEADS", "ModelOutput", "gather_lm_logits", "MegatronBertModel", "MegatronBertForPreTraining",
+    "HEADS", "MASKED_LM_HEADS", "SENTENCE_HEAD_PARTS", "ModelOutput", "gather_lm_logits", "MegatronBertModel", "MegatronBertForPreTraining",
     "MegatronBertForMaskedLM", "MegatronBertForCausalLM", "MegatronBertForNextSentencePrediction",
     "MegatronBertForSequenceClassification", "MegatronBertForMultipleChoice",
     "MegatronBertForTokenClassification", "MegatronBertForQuestionAnswering",

@@ -285,6 +285,11 @@ class MegatronBertForQuestionAnswering(_HeadModel):
         return ModelOutput(loss=loss, start_logits=start, end_logits=end)
 
 
+# Heads whose checkpoints carry the masked-LM head (what fill-mask and pretraining evaluation need), and
+# the parameters of MegatronBertForPreTraining beyond it (the SOP/NSP head and the pooler feeding it).
+MASKED_LM_HEADS = ("pretraining", "masked_lm")
+SENTENCE_HEAD_PARTS = ("binary_head.", "bert.pooler.")
+
 HEADS = {
     "model": MegatronBertModel,
     "pretraining": MegatronBertForPreTraining,

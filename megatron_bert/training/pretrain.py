@@ -20,7 +20,7 @@ from omegaconf import ListConfig, OmegaConf
 from parallel import ParallelState
 
 from ..checkpoint import CheckpointError
-from ..model import MegatronBertForPreTraining, gather_lm_logits
+from ..model import MASKED_LM_HEADS, SENTENCE_HEAD_PARTS, MegatronBertForPreTraining, gather_lm_logits
 from ..model.heads import target_positions_of
 from .config import ConfigError
 
@@ -164,7 +164,7 @@ class PretrainTask:
                               "run's checkpoints/ folder, one step_<N>/ or a converted checkpoint)")
         t.pretrained, c.resume = str(self.source), "none"
         meta, src = self.source_meta, self.source
-        if meta.get("head", "pretraining") not in ("pretraining", "masked_lm"):
+        if meta.get("head", "pretraining") not in MASKED_LM_HEADS:
             raise CheckpointError(f"checkpoint {src} has a {meta['head']!r} head, not the pretraining (MLM + "
                                   "SOP/NSP) one: evaluate it with its fine-tuning task (task=... task.mode=evaluate)")
         if self.cfg.train.eval_iters < 1:
@@ -185,9 +185,9 @@ class PretrainTask:
         # The trainer loads task.pretrained leniently (new heads keep their init); a score needs every
         # tensor it uses from the checkpoint.
         saved = tensor_index(self.source)
-        unused = () if self.use_binary else ("binary_head.", "bert.pooler.")
+        unused = () if self.use_binary else SENTENCE_HEAD_PARTS
         missing = [k for k in trainer.model.state_dict() if f"model.{k}" not in saved and not k.startswith(unused)]
-        if missing and any(k.startswith(("binary_head.", "bert.pooler.")) for k in missing):
+        if missing and any(k.startswith(SENTENCE_HEAD_PARTS) for k in missing):
             raise ConfigError(f"checkpoint {self.source} has no binary (SOP/NSP) head or pooler: give "
                               "data.binary_head=none to score the masked LM only")
         if missing:
