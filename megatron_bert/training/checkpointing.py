@@ -37,19 +37,20 @@ ARCH_FROM_CHECKPOINT = ("hidden_size", "num_layers", "num_attention_heads", "ffn
                         "max_position_embeddings", "type_vocab_size", "layernorm_epsilon", "activation")
 
 
+def resume_path(cfg):
+    """The checkpoint ``checkpoint.resume`` names (``auto``: the latest in ``checkpoint.dir``), or None."""
+    c = cfg.checkpoint
+    if c.resume == "auto":
+        return latest_checkpoint(c.dir) if c.dir else None
+    return None if c.resume == "none" else c.resume
+
+
 def weights_source(cfg) -> tuple[Path | None, str | None, dict]:
     """(checkpoint dir, "resume" | "pretrained", meta) of the weights the trainer will load —
-    the same rule as ``CheckpointingMixin._resume_or_init`` — or (None, None, {})."""
-    c, t = cfg.checkpoint, cfg.task
-    path, kind = None, None
-    if c.resume == "auto":
-        path = latest_checkpoint(c.dir) if c.dir else None
-    elif c.resume != "none":
-        path = c.resume
-    if path is not None:
-        kind = "resume"
-    elif t.pretrained:
-        path, kind = t.pretrained, "pretrained"
+    the rule of ``CheckpointingMixin._resume_or_init`` — or (None, None, {})."""
+    path, kind = resume_path(cfg), "resume"
+    if path is None and cfg.task.pretrained:
+        path, kind = cfg.task.pretrained, "pretrained"
     if path is None:
         return None, None, {}
     ckpt = resolve_checkpoint(path)
@@ -86,12 +87,7 @@ def sample_stream_changes(saved: dict, now: dict) -> list[str]:
 
 class CheckpointingMixin:
     def _resume_or_init(self) -> None:
-        c = self.cfg.checkpoint
-        path = None
-        if c.resume == "auto":
-            path = latest_checkpoint(c.dir) if c.dir else None
-        elif c.resume != "none":
-            path = c.resume
+        path = resume_path(self.cfg)
         if path is not None:
             self._check_architecture(path)
             ckpt, meta, rng = load_checkpoint(path, self.model, self.optimizer, self.ps)
